@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlmap import _checks
 
@@ -113,7 +114,7 @@ def categorical_log_likelihood(logits, labels):
   _checks.check_targets_shape(fn, logits[..., 0], labels, what="logits[..., 0]")
   num_classes = logits.shape[-1]
   if _checks.is_concrete(labels):
-    lab = jnp.asarray(labels)
+    lab = np.asarray(labels)  # numpy: jnp ops would be staged inside a trace
     if lab.size and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
       raise ValueError(f"{fn}: labels must lie in [0, {num_classes}), got range "
                        f"[{int(lab.min())}, {int(lab.max())}].")
