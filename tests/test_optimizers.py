@@ -1,0 +1,372 @@
+"""Tests of mlmap's second-order optax transformations against independent optima.
+
+References: scipy.optimize (trust-exact / L-BFGS-B on numpy-coded objectives and
+gradients, polished to a gradient norm of ~1e-10), numpy IRLS steps, and the
+strong Wolfe conditions evaluated directly.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+from sklearn.datasets import load_breast_cancer, load_digits, load_iris
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import mlmap as mm
+
+PRIOR_SIGMA = 1.0
+
+
+# --- problems and independent references ---------------------------------------
+
+def _standardize(x):
+  return (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+
+
+@pytest.fixture(scope="module")
+def logistic():
+  """L2 logistic regression on breast_cancer; optimum by scipy trust-exact."""
+  x, y = load_breast_cancer(return_X_y=True)
+  x = _standardize(x)
+  a = np.hstack([x, np.ones((len(x), 1))])
+  penalty = np.r_[np.ones(30), 0.0] / PRIOR_SIGMA**2  # no prior on the bias
+
+  def fun(v):
+    z = a @ v
+    p = 1.0 / (1.0 + np.exp(-z))
+    f = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * np.sum(penalty * v * v)
+    return f, a.T @ (p - y) + penalty * v
+
+  def hess(v):
+    p = 1.0 / (1.0 + np.exp(-(a @ v)))
+    return a.T @ ((p * (1 - p))[:, None] * a) + np.diag(penalty)
+
+  v = so.minimize(fun, np.zeros(31), jac=True, hess=hess, method="trust-exact",
+                  options=dict(gtol=1e-12)).x
+  for _ in range(2):  # numpy Newton polish
+    v = v - np.linalg.solve(hess(v), fun(v)[1])
+  assert np.abs(fun(v)[1]).max() < 1e-9
+  nlp = mm.negative_log_posterior(
+      lambda p, inp: inp @ p["w"] + p["b"], mm.bernoulli_log_likelihood,
+      functools.partial(mm.gaussian_log_prior, sigma={"w": PRIOR_SIGMA, "b": None}))
+  params0 = {"w": jnp.zeros(30), "b": jnp.zeros(())}
+  return dict(nlp=nlp, batch=(jnp.asarray(x), jnp.asarray(y, float)), ref=v,
+              flat=lambda p: np.r_[np.asarray(p["w"]), float(p["b"])],
+              params0=params0, fun=fun, hess=hess)
+
+
+def _softmax_problem(x, y, k, sigma):
+  x = _standardize(x)
+  n, d = x.shape
+  onehot = np.eye(k)[y]
+
+  def fun(v):
+    w, b = v[:d * k].reshape(d, k), v[d * k:]
+    z = x @ w + b
+    z = z - z.max(1, keepdims=True)
+    lse = np.log(np.exp(z).sum(1))
+    p = np.exp(z - lse[:, None])
+    f = np.sum(lse - np.sum(onehot * z, 1)) + 0.5 * v @ v / sigma**2
+    r = p - onehot
+    return f, np.r_[(x.T @ r).ravel(), r.sum(0)] + v / sigma**2
+
+  v = so.minimize(fun, np.zeros(d * k + k), jac=True, method="L-BFGS-B",
+                  options=dict(gtol=1e-13, ftol=0.0, maxiter=20000, maxcor=50)).x
+  assert np.abs(fun(v)[1]).max() < 1e-7
+  nlp = mm.negative_log_posterior(
+      lambda p, inp: inp @ p["w"] + p["b"], mm.categorical_log_likelihood,
+      functools.partial(mm.gaussian_log_prior, sigma=sigma))
+  params0 = {"w": jnp.zeros((d, k)), "b": jnp.zeros(k)}
+  return dict(nlp=nlp, batch=(jnp.asarray(x), jnp.asarray(y)), ref=v,
+              flat=lambda p: np.r_[np.asarray(p["w"]).ravel(), np.asarray(p["b"])],
+              params0=params0)
+
+
+@pytest.fixture(scope="module")
+def softmax_iris():
+  x, y = load_iris(return_X_y=True)
+  return _softmax_problem(x, y, 3, sigma=2.0)
+
+
+@pytest.fixture(scope="module")
+def softmax_digits():
+  x, y = load_digits(return_X_y=True)
+  return _softmax_problem(x[:300], y[:300], 10, sigma=1.0)
+
+
+def _run(problem, tx, steps, params=None):
+  """``steps`` jitted updates; returns params, state and relative errors per step."""
+  nlp, batch = problem["nlp"], problem["batch"]
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(nlp)(params, *batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  params = problem["params0"] if params is None else params
+  state = tx.init(params)
+  errors = []
+  ref = problem["ref"]
+  for _ in range(steps):
+    params, state = step(params, state)
+    errors.append(np.linalg.norm(problem["flat"](params) - ref) / np.linalg.norm(ref))
+  return params, state, np.array(errors)
+
+
+# --- convergence to the independent optimum -------------------------------------
+
+@pytest.mark.parametrize("name", ["logistic", "softmax_iris"])
+def test_newton_reaches_optimum_in_12_steps(name, request):
+  problem = request.getfixturevalue(name)
+  _, state, errors = _run(problem, mm.newton(problem["nlp"]), 12)
+  assert errors[-1] < 1e-6, errors
+  assert int(state.count) == 12 and not bool(state.rejected)
+  assert np.all(np.diff(errors[-3:]) <= 1e-12) or errors[-1] < 1e-9
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("logistic", dict(curvature="ggn")),
+    ("softmax_iris", dict(curvature="hessian")),
+    ("softmax_iris", dict(curvature="ggn", preconditioner="diagonal")),
+    pytest.param("softmax_iris", dict(curvature="ggn"), marks=pytest.mark.slow),
+    pytest.param("logistic", dict(curvature="hessian"), marks=pytest.mark.slow),
+    pytest.param("logistic", dict(curvature="ggn", preconditioner="diagonal"),
+                 marks=pytest.mark.slow),
+])
+def test_hessian_free_reaches_optimum_in_30_steps(name, kwargs, request):
+  problem = request.getfixturevalue(name)
+  _, state, errors = _run(problem, mm.hessian_free(problem["nlp"], **kwargs), 30)
+  assert errors[-1] < 1e-6, errors
+  assert int(state.cg_iterations) >= 1
+  assert not bool(state.negative_curvature) and not bool(state.fallback)
+
+
+def test_hessian_free_matrix_free_on_digits(softmax_digits):
+  _, state, errors = _run(softmax_digits, mm.hessian_free(softmax_digits["nlp"]), 30)
+  assert errors[-1] < 1e-6, errors
+  assert np.isfinite(float(state.rho))
+
+
+@pytest.mark.parametrize("name,solver", [
+    ("logistic", "cg"), ("softmax_iris", "dense"),
+    pytest.param("softmax_iris", "cg", marks=pytest.mark.slow),
+    pytest.param("logistic", "dense", marks=pytest.mark.slow)])
+def test_natural_gradient_reaches_optimum_in_30_steps(name, solver, request):
+  problem = request.getfixturevalue(name)
+  _, state, errors = _run(problem, mm.natural_gradient(problem["nlp"], solver=solver), 30)
+  assert errors[-1] < 1e-6, errors
+  assert not bool(state.fallback)
+
+
+def test_nonlinear_cg_reaches_optimum(logistic):
+  _, state, errors = _run(logistic, mm.nonlinear_cg(logistic["nlp"]), 150)
+  assert errors[-1] < 1e-4, errors[::10]
+  assert np.all(np.isfinite(errors))
+
+
+def test_nonlinear_cg_step_satisfies_strong_wolfe(softmax_iris):
+  nlp, batch = softmax_iris["nlp"], softmax_iris["batch"]
+  c1, c2 = 1e-4, 0.1
+  tx = mm.nonlinear_cg(nlp, c1=c1, c2=c2)
+  params, state = softmax_iris["params0"], tx.init(softmax_iris["params0"])
+  vg = jax.jit(jax.value_and_grad(nlp))
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, batch=batch))
+  for _ in range(4):
+    f0, g0 = vg(params, *batch)
+    updates, state = update(g0, state, params)
+    new = optax.apply_updates(params, updates)
+    f1, g1 = vg(new, *batch)
+    slope0 = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(updates)))
+    slope1 = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(updates)))
+    assert slope0 < 0  # descent direction
+    assert f1 <= f0 + c1 * slope0  # sufficient decrease (alpha folded into updates)
+    assert abs(slope1) <= c2 * abs(slope0) + 1e-10  # strong curvature condition
+    params = new
+
+
+# --- natural gradient = Newton = IRLS for a canonical-link linear model ---------
+
+def test_natural_gradient_step_equals_newton_and_irls(logistic):
+  nlp, batch = logistic["nlp"], logistic["batch"]
+  params = {"w": jnp.linspace(-0.3, 0.3, 30), "b": jnp.asarray(0.2)}
+  grads = jax.grad(nlp)(params, *batch)
+
+  def one(tx):
+    u, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, batch=batch))(grads, params)
+    return logistic["flat"](u)
+
+  v = logistic["flat"](params)
+  irls = -np.linalg.solve(logistic["hess"](v), logistic["fun"](v)[1])
+  newton = one(mm.newton(nlp, adaptive=False))
+  ng_dense = one(mm.natural_gradient(nlp, damping=0.0, solver="dense"))
+  ng_cg = one(mm.natural_gradient(nlp, damping=0.0, maxiter=200, tol=1e-13))
+  np.testing.assert_allclose(newton, irls, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(ng_dense, irls, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(ng_cg, irls, rtol=1e-7, atol=1e-9)
+
+
+# --- damping, negative curvature, never NaN -------------------------------------
+
+def _cauchy_problem():
+  """Robust (Cauchy-likelihood) regression: non-convex, undamped Newton diverges."""
+  x = jnp.linspace(-1.0, 1.0, 20)
+  t = 0.5 * x + 0.1 * jnp.sin(7 * x)
+
+  def objective(w, inputs, targets):
+    r = inputs * w[0] + w[1] - targets
+    return jnp.sum(jnp.log1p(r * r))
+  return objective, (x, t), jnp.array([4.0, -3.0])
+
+
+def test_undamped_newton_diverges_damped_newton_and_hf_converge():
+  objective, batch, w0 = _cauchy_problem()
+  vg = jax.jit(jax.value_and_grad(objective))
+  hess = jax.jit(jax.hessian(objective))
+  # The reference: raw Newton steps w - H^{-1} g (numpy) climb and run away.
+  w, f_start = np.asarray(w0), float(vg(w0, *batch)[0])
+  for _ in range(5):
+    w = w - np.linalg.solve(np.asarray(hess(w, *batch)), np.asarray(vg(w, *batch)[1]))
+  assert float(vg(jnp.asarray(w), *batch)[0]) > 3 * f_start and np.abs(w).max() > 50
+
+  for tx in [mm.newton(objective), mm.hessian_free(objective, curvature="hessian",
+                                                   damping=1.0)]:
+    @jax.jit
+    def step(w, state, tx=tx):
+      f, g = jax.value_and_grad(objective)(w, *batch)
+      u, state = tx.update(g, state, w, batch=batch)
+      return optax.apply_updates(w, u), state, f
+
+    w, state = w0, tx.init(w0)
+    losses, dampings, rejected = [], [], []
+    for _ in range(40):
+      w_old = w
+      w, state, f = step(w, state)
+      losses.append(float(f))
+      dampings.append(float(state.damping))
+      rejected.append(bool(state.rejected))
+      assert np.all(np.isfinite(np.asarray(w)))
+      if hasattr(state, "direction"):  # HF warm start: the accepted step, or zeros
+        np.testing.assert_allclose(state.direction, w - w_old, rtol=1e-12, atol=1e-15)
+    assert np.all(np.diff(losses) <= 1e-12), losses  # monotone: uphill steps rejected
+    k = rejected.index(True)  # some full step went uphill: rejected, damping grown
+    assert dampings[k] > dampings[k - 1] if k > 0 else dampings[0] > 0
+    assert dampings[-1] < max(dampings)  # and shrunk again once the model fit (rho > 3/4)
+    assert float(jnp.linalg.norm(vg(w, *batch)[1])) < 1e-6
+    assert losses[-1] < 0.1 < losses[0]
+
+
+def test_newton_at_indefinite_hessian_grows_damping():
+  # Saddle-shaped objective; at w0 the Hessian diag(2, -2 + 3 w1^2) is indefinite.
+  def objective(w, inputs, targets):
+    del inputs, targets
+    return w[0] ** 2 - w[1] ** 2 + 0.25 * w[1] ** 4
+  dummy = (jnp.zeros((1, 1)), jnp.zeros(1))
+  w0 = jnp.array([1.0, 0.1])
+  assert np.linalg.eigvalsh(np.asarray(jax.hessian(objective)(w0, *dummy))).min() < 0
+  for adaptive, tx in [(True, mm.newton(objective)), (False, mm.newton(objective, adaptive=False)),
+                       (True, mm.hessian_free(objective, curvature="hessian", damping=0.0))]:
+    @jax.jit
+    def step(w, state, tx=tx):
+      u, state = tx.update(jax.grad(objective)(w, *dummy), state, w, batch=dummy)
+      w = optax.apply_updates(w, u)
+      return w, state, objective(w, *dummy)
+
+    f0 = objective(w0, *dummy)
+    w, state, _ = step(w0, tx.init(w0))
+    assert np.all(np.isfinite(np.asarray(w)))
+    assert bool(state.negative_curvature | getattr(state, "fallback", False))
+    for _ in range(40):
+      w, state, f = step(w, state)
+      assert np.all(np.isfinite(np.asarray(w)))
+      assert f <= f0 or not adaptive
+    if adaptive:
+      np.testing.assert_allclose(np.abs(np.asarray(w)), [0.0, np.sqrt(2.0)], atol=1e-6)
+
+
+def test_nan_batch_gives_zero_update_not_nan():
+  objective, (x, t), w0 = _cauchy_problem()
+  bad = (x.at[3].set(jnp.nan), t)
+  g = jax.grad(objective)(w0, *bad)
+  for tx in [mm.newton(objective), mm.hessian_free(objective, curvature="hessian")]:
+    u, state = jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p, batch=bad))(g, w0)
+    assert np.all(np.asarray(u) == 0) and bool(state.rejected)
+
+
+# --- optax composition -------------------------------------------------------------
+
+def test_chains_with_optax_scale_clipping_and_schedules(logistic):
+  nlp, batch, p0 = logistic["nlp"], logistic["batch"], logistic["params0"]
+  grads = jax.grad(nlp)(p0, *batch)
+
+  def first_update(tx):
+    u, _ = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, batch=batch))(grads, p0)
+    return logistic["flat"](u)
+
+  base = first_update(mm.natural_gradient(nlp))
+  half = first_update(optax.chain(mm.natural_gradient(nlp), optax.scale(0.5)))
+  np.testing.assert_allclose(half, 0.5 * base, rtol=1e-12)
+  sched = first_update(mm.natural_gradient(nlp, learning_rate=optax.linear_schedule(0.25, 1.0, 10)))
+  np.testing.assert_allclose(sched, 0.25 * base, rtol=1e-12)
+  clipped = first_update(optax.chain(optax.clip_by_global_norm(1.0), mm.newton(nlp, adaptive=False)))
+  ref = -np.linalg.solve(logistic["hess"](np.zeros(31)), logistic["fun"](np.zeros(31))[1])
+  gnorm = np.linalg.norm(logistic["fun"](np.zeros(31))[1])
+  np.testing.assert_allclose(clipped, ref / gnorm, rtol=1e-9)  # Newton is linear in g
+  assert np.all(np.isfinite(first_update(optax.chain(mm.nonlinear_cg(nlp),
+                                                     optax.scale(0.5)))))
+
+
+# --- bad input --------------------------------------------------------------------
+
+def test_missing_batch_raises(logistic):
+  nlp, p0 = logistic["nlp"], logistic["params0"]
+  for tx in [mm.newton(nlp), mm.hessian_free(nlp), mm.natural_gradient(nlp),
+             mm.nonlinear_cg(nlp)]:
+    with pytest.raises(ValueError, match=r"batch=\(inputs, targets\)"):
+      tx.update(p0, tx.init(p0), p0)
+    with pytest.raises(ValueError, match="needs params"):
+      tx.update(p0, tx.init(p0), None, batch=logistic["batch"])
+
+
+def test_bad_arguments_raise(logistic):
+  nlp = logistic["nlp"]
+  with pytest.raises(ValueError, match=r"one of \('ggn', 'hessian'\), got 'fisher'"):
+    mm.hessian_free(nlp, curvature="fisher")
+  for make in [mm.newton, mm.hessian_free, mm.natural_gradient]:
+    with pytest.raises(ValueError, match=r"damping must be .*>= 0.*-0\.1"):
+      make(nlp, damping=-0.1)
+  for make in [mm.newton, mm.natural_gradient]:
+    with pytest.raises(ValueError, match=r"learning_rate must be .*>= 0.*-1"):
+      make(nlp, learning_rate=-1.0)
+  with pytest.raises(ValueError, match=r"learning_rate must be .*-1"):
+    mm.hessian_free(nlp, learning_rate=-1.0)
+  with pytest.raises(TypeError, match="needs a negative_log_posterior.*function"):
+    mm.natural_gradient(lambda p, x, t: jnp.sum(p))
+  with pytest.raises(TypeError, match="needs a negative_log_posterior"):
+    mm.hessian_free(lambda p, x, t: jnp.sum(p))  # GGN needs the model apart
+  with pytest.raises(ValueError, match=r"solver must be one of \('cg', 'dense'\)"):
+    mm.natural_gradient(nlp, solver="lu")
+  with pytest.raises(ValueError, match="0 < c1 < c2 < 1"):
+    mm.nonlinear_cg(nlp, c1=0.5, c2=0.1)
+  with pytest.raises(ValueError, match="tree structure"):
+    tx = mm.newton(nlp)
+    p0 = logistic["params0"]
+    tx.update({"w": p0["w"]}, tx.init(p0), p0, batch=logistic["batch"])
+
+
+def test_float32_params_keep_float32_updates_and_state(softmax_iris):
+  nlp = softmax_iris["nlp"]
+  x, y = softmax_iris["batch"]
+  batch = (x.astype(jnp.float32), y)
+  p0 = jax.tree.map(lambda a: a.astype(jnp.float32), softmax_iris["params0"])
+  g = jax.grad(nlp)(p0, *batch)
+  for tx in [mm.newton(nlp), mm.hessian_free(nlp, maxiter=5), mm.nonlinear_cg(nlp)]:
+    state = tx.init(p0)
+    u, new_state = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, batch=batch))(g, state, p0)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(u))
+    assert jax.tree.map(lambda a: a.dtype, new_state) == jax.tree.map(lambda a: a.dtype, state)
+    assert nlp(optax.apply_updates(p0, u), *batch) < nlp(p0, *batch)
