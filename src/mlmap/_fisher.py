@@ -1,0 +1,88 @@
+"""Built-in likelihoods recognized by the Fisher products (private).
+
+The Fisher needs the likelihood's output-space Fisher, which no callable reveals;
+the four built-ins are recognized (bare or bound with ``functools.partial``) and
+get their closed forms and exact samplers. Anything else is ``None`` here, and
+the public functions then ask the user instead of guessing.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mlmap import likelihoods
+
+_KINDS = {
+    likelihoods.gaussian_log_likelihood: "gaussian",
+    likelihoods.bernoulli_log_likelihood: "bernoulli",
+    likelihoods.categorical_log_likelihood: "categorical",
+    likelihoods.soft_categorical_log_likelihood: "soft_categorical",
+}
+_ALLOWED_KEYWORDS = {"gaussian": {"sigma"}}
+
+
+def builtin_likelihood(log_likelihood):
+  """Recognize a built-in likelihood, bare or bound with ``functools.partial``.
+
+  Args:
+    log_likelihood: the ``nlp.log_likelihood`` callable.
+
+  Returns:
+    ``(kind, keywords)`` with ``kind`` one of ``"gaussian"``, ``"bernoulli"``,
+    ``"categorical"``, ``"soft_categorical"``, or ``None`` when the callable is
+    not a built-in (or binds arguments other than the Gaussian ``sigma``).
+  """
+  func, args, keywords = log_likelihood, (), {}
+  while isinstance(func, functools.partial):
+    args, keywords = func.args + args, {**func.keywords, **keywords}
+    func = func.func
+  try:
+    kind = _KINDS.get(func)
+  except TypeError:  # unhashable callable
+    return None
+  if kind is None or args or set(keywords) - _ALLOWED_KEYWORDS.get(kind, set()):
+    return None
+  return kind, keywords
+
+
+def builtin_output_fisher_vp(kind, keywords):
+  """Closed-form output-space Fisher product ``F_z u`` of a built-in likelihood."""
+  if kind == "gaussian":
+    sigma = keywords.get("sigma", 1.0)
+
+    def gaussian(outputs, tangents):
+      s = jnp.asarray(sigma, jnp.result_type(tangents))
+      try:
+        shape = jnp.broadcast_shapes(s.shape, tangents.shape)
+      except ValueError:
+        shape = None
+      if shape != tangents.shape:
+        raise ValueError(f"fisher_vp: Gaussian sigma shape {s.shape} does not "
+                         f"broadcast to the outputs' shape {tangents.shape}.")
+      return tangents / jnp.square(s)
+    return gaussian
+  if kind == "bernoulli":
+    return lambda z, u: jax.nn.sigmoid(z) * jax.nn.sigmoid(-z) * u
+  # categorical and soft categorical: diag(p) - p p^T along the class axis.
+  def categorical(z, u):
+    p = jax.nn.softmax(z, axis=-1)
+    pu = p * u
+    return pu - p * jnp.sum(pu, axis=-1, keepdims=True)
+  return categorical
+
+
+def builtin_sampler(kind, keywords):
+  """``sample_fn(key, outputs)``: a draw of targets from ``p(t | z)``."""
+  if kind == "gaussian":
+    sigma = keywords.get("sigma", 1.0)
+    return lambda key, z: z + jnp.asarray(sigma, z.dtype) * jax.random.normal(
+        key, z.shape, z.dtype)
+  if kind == "bernoulli":
+    return lambda key, z: jax.random.bernoulli(key, jax.nn.sigmoid(z)).astype(z.dtype)
+  if kind == "categorical":
+    return lambda key, z: jax.random.categorical(key, z, axis=-1)
+  return lambda key, z: jax.nn.one_hot(
+      jax.random.categorical(key, z, axis=-1), z.shape[-1], dtype=z.dtype)
