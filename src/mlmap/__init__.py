@@ -26,12 +26,66 @@ from mlmap.posterior import NegativeLogPosterior
 from mlmap.posterior import negative_log_posterior
 
 # --- linalg (cg, lanczos) ----------------------------------------------------
+from mlmap.linalg import CGInfo
+from mlmap.linalg import cg
+from mlmap.linalg import LanczosResult
+from mlmap.linalg import lanczos
+from mlmap.linalg import tridiagonal
 # --- curvature ---------------------------------------------------------------
+from mlmap.curvature import hvp
+from mlmap.curvature import hvp_fn
+from mlmap.curvature import ggn_vp
+from mlmap.curvature import ggn_vp_fn
+from mlmap.curvature import fisher_vp
+from mlmap.curvature import fisher_vp_fn
+from mlmap.curvature import empirical_fisher_vp
+from mlmap.curvature import empirical_fisher_vp_fn
+from mlmap.curvature import mc_fisher_vp
+from mlmap.dense import hessian_matrix
+from mlmap.dense import ggn_matrix
+from mlmap.dense import fisher_matrix
+from mlmap.dense import empirical_fisher_matrix
+from mlmap.dense import ggn_diagonal
+from mlmap.dense import fisher_diagonal
 # --- spectral (diagonals, Hutchinson, Lanczos spectra) -----------------------
+from mlmap.spectral import RitzResult
+from mlmap.spectral import SLQResult
+from mlmap.spectral import StochasticEstimate
+from mlmap.spectral import hutchinson_diagonal
+from mlmap.spectral import hutchinson_trace
+from mlmap.spectral import lanczos_eigenvalues
+from mlmap.spectral import slq_quadrature
+from mlmap.spectral import spectral_density
+from mlmap.spectral import stochastic_logdet
 # --- optimizers --------------------------------------------------------------
+from mlmap.optimizers import HessianFreeState
+from mlmap.optimizers import NaturalGradientState
+from mlmap.optimizers import NewtonState
+from mlmap.optimizers import NonlinearCGState
+from mlmap.optimizers import hessian_free
+from mlmap.optimizers import natural_gradient
+from mlmap.optimizers import newton
+from mlmap.optimizers import nonlinear_cg
 # --- training ----------------------------------------------------------------
+from mlmap.training import FitResult
+from mlmap.training import StopTraining
+from mlmap.training import fit
+from mlmap.training import load_checkpoint
+from mlmap.training import make_train_step
+from mlmap.training import save_checkpoint
 # --- laplace -----------------------------------------------------------------
+from mlmap.laplace import EvidenceInfo
+from mlmap.laplace_posterior import LaplacePosterior
+from mlmap.laplace_posterior import laplace
+from mlmap.laplace import log_evidence
+from mlmap.evidence import EvidenceHistory
+from mlmap.evidence import log_evidence_grad
+from mlmap.evidence import maximize_evidence
 # --- sharding ----------------------------------------------------------------
+from mlmap.sharding import batch_sharding
+from mlmap.sharding import make_mesh
+from mlmap.sharding import replicate
+from mlmap.sharding import shard_batch
 
 __all__ = (
     "bernoulli_log_likelihood",
@@ -47,4 +101,58 @@ __all__ = (
     "weight_decay_to_prior_sigma",
     "NegativeLogPosterior",
     "negative_log_posterior",
+    "CGInfo",
+    "cg",
+    "LanczosResult",
+    "lanczos",
+    "tridiagonal",
+    "RitzResult",
+    "SLQResult",
+    "StochasticEstimate",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "lanczos_eigenvalues",
+    "slq_quadrature",
+    "spectral_density",
+    "stochastic_logdet",
+    "batch_sharding",
+    "make_mesh",
+    "replicate",
+    "shard_batch",
+    "hvp",
+    "hvp_fn",
+    "ggn_vp",
+    "ggn_vp_fn",
+    "fisher_vp",
+    "fisher_vp_fn",
+    "empirical_fisher_vp",
+    "empirical_fisher_vp_fn",
+    "mc_fisher_vp",
+    "hessian_matrix",
+    "ggn_matrix",
+    "fisher_matrix",
+    "empirical_fisher_matrix",
+    "ggn_diagonal",
+    "fisher_diagonal",
+    "HessianFreeState",
+    "NaturalGradientState",
+    "NewtonState",
+    "NonlinearCGState",
+    "hessian_free",
+    "natural_gradient",
+    "newton",
+    "nonlinear_cg",
+    "EvidenceInfo",
+    "LaplacePosterior",
+    "laplace",
+    "log_evidence",
+    "EvidenceHistory",
+    "log_evidence_grad",
+    "maximize_evidence",
+    "FitResult",
+    "StopTraining",
+    "fit",
+    "load_checkpoint",
+    "make_train_step",
+    "save_checkpoint",
 )
