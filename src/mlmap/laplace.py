@@ -109,11 +109,15 @@ def _report(fn, curvature, ok, info, map_tol, a=None):
   if _concrete_all(ok) and not bool(ok):
     extra = ""
     if a is not None and _checks.is_concrete(a):
-      extra = f" (smallest eigenvalue {float(jnp.linalg.eigvalsh(a)[0]):.3g})"
+      eig = jnp.linalg.eigvalsh(a)
+      extra = (f" (Cholesky failed; eigenvalues from {float(eig[0]):.3g} to "
+               f"{float(eig[-1]):.3g}, dtype {a.dtype})")
+    hint = ("refit the MAP, or use curvature='ggn'" if curvature == "hessian"
+            else "put a proper prior on every parameter, or compute in float64")
     raise ValueError(
-        f"{fn}: the {curvature} curvature at params is not positive definite{extra}: "
-        "params are not a MAP (or the prior is flat and the model unidentified); "
-        "refit the MAP or use curvature='ggn' with a proper prior.")
+        f"{fn}: the {curvature} curvature at params is not (numerically) positive "
+        f"definite{extra}: params are not a MAP, or directions are unidentified "
+        f"(a flat prior on e.g. softmax biases leaves a null direction); {hint}.")
   dec = info.newton_decrement
   if map_tol is not None and _concrete_all(dec) and float(dec) > map_tol:
     warnings.warn(
