@@ -263,7 +263,7 @@ def placement_checks(x, t):
                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
   xm = mm.shard_batch(x, two, axis=("data", "model"))
   res = {
-      "x_spec": str(xs.sharding.spec),
+      "x_spec": [a if a is None or isinstance(a, str) else list(a) for a in xs.sharding.spec],
       "x_num_devices": len(xs.sharding.device_set),
       "x_shard_shapes": sorted({tuple(s.data.shape) for s in xs.addressable_shards}),
       "t_shard_shapes": sorted({tuple(s.data.shape) for s in ts.addressable_shards}),

@@ -148,7 +148,7 @@ def test_gather_detector_fires_on_a_gathering_program(report):
 
 def test_shard_batch_placement(report):
   p = report["placement"]
-  assert p["x_spec"] == "P('data',)"
+  assert p["x_spec"] == ["data"]
   assert p["x_num_devices"] == _NUM_DEVICES
   assert p["x_shard_shapes"] == [[24 // _NUM_DEVICES, 3]]
   assert p["t_shard_shapes"] == [[24 // _NUM_DEVICES]]
