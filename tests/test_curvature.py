@@ -292,3 +292,15 @@ def test_unknown_likelihood_and_options_raise():
       mlp_apply, functools.partial(mm.gaussian_log_likelihood, sigma=jnp.ones(3)))
   with pytest.raises(ValueError, match=r"sigma shape \(3,\) does not broadcast"):
     mm.fisher_vp(wrong_sigma, g_params, _vector(g_params), gx, gy)
+
+
+def test_log_partition_hessian_is_the_closed_form_output_fisher():
+  """F_z = Hessian of A(z) for the canonical built-ins, as fisher_vp computes it."""
+  from mlmap import _fisher
+  rng = np.random.default_rng(3)
+  z, u = rng.normal(size=(6, 4)) * 3, rng.normal(size=(6, 4))
+  for kind in ("bernoulli", "categorical", "soft_categorical"):
+    lin = jax.jit(lambda z, u, k=kind: jax.jvp(jax.grad(_fisher.log_partition(k)), (z,), (u,))[1])
+    closed = _fisher.builtin_output_fisher_vp(kind, {})(z, u)
+    np.testing.assert_allclose(lin(z, u), closed, rtol=1e-12, atol=1e-14)
+  assert _fisher.log_partition("gaussian") is None
