@@ -81,13 +81,19 @@ def _make_mlp_nlp(hyper):
       functools.partial(mm.gaussian_log_prior, sigma=hyper["prior_sigma"]))
 
 
+def _sine_mlp_problem(seed, n, hidden, noise):
+  """Noisy sin(2x) on [-2, 2] and a 1-hidden-1 tanh MLP initialization."""
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(-2, 2, size=(n, 1))
+  y = np.sin(2 * x[:, 0]) + noise * rng.normal(size=n)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  params = {"l1": {"w": jax.random.normal(k1, (1, hidden)), "b": jnp.zeros(hidden)},
+            "l2": {"w": jax.random.normal(k2, (hidden, 1)) / 3, "b": jnp.zeros(1)}}
+  return x, y, params
+
+
 def test_mlp_per_layer_prior_scales_reach_a_stationary_point_of_the_evidence():
-  rng = np.random.default_rng(0)
-  x = rng.uniform(-2, 2, size=(60, 1))
-  y = np.sin(2 * x[:, 0]) + 0.1 * rng.normal(size=60)
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  params = {"l1": {"w": jax.random.normal(k1, (1, 8)), "b": jnp.zeros(8)},
-            "l2": {"w": jax.random.normal(k2, (8, 1)) / 3, "b": jnp.zeros(1)}}
+  x, y, params = _sine_mlp_problem(seed=0, n=60, hidden=8, noise=0.1)
   hyper0 = {"sigma": 0.5, "prior_sigma": {"l1": 1.0, "l2": 1.0}}
   hyper, w, info = mm.maximize_evidence(_make_mlp_nlp, hyper0, params, x, y,
                                         num_iterations=100, fit_steps=10, tol=1e-10)
@@ -145,12 +151,7 @@ def test_unreached_map_warns(diabetes):
 
 
 def test_total_derivative_matches_finite_differences_along_the_map_path():
-  rng = np.random.default_rng(1)
-  x = rng.uniform(-2, 2, size=(40, 1))
-  y = np.sin(2 * x[:, 0]) + 0.2 * rng.normal(size=40)
-  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
-  params = {"l1": {"w": jax.random.normal(k1, (1, 6)), "b": jnp.zeros(6)},
-            "l2": {"w": jax.random.normal(k2, (6, 1)) / 3, "b": jnp.zeros(1)}}
+  x, y, params = _sine_mlp_problem(seed=1, n=40, hidden=6, noise=0.2)
   hyper = {"sigma": 0.3, "prior_sigma": 0.8}
 
   @jax.jit

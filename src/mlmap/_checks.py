@@ -1,4 +1,4 @@
-"""Trace-time argument checks shared by the public functions (private)."""
+"""Trace-time argument checks and small pytree helpers shared by the modules (private)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,33 @@ def check_positive(name: str, value, fn: str) -> None:
   if not np.all(arr > 0):
     bad = arr if arr.ndim == 0 else arr[~(arr > 0)].ravel()[:3]
     raise ValueError(f"{fn}: {name} must be > 0, got {bad}.")
+
+
+def check_nonnegative(name: str, value, fn: str) -> None:
+  """Raise ``ValueError`` if a concrete ``value`` is not a number >= 0.
+
+  ``None``, callables (an optax schedule as ``learning_rate``) and traced values
+  pass unchecked.
+  """
+  if value is None or callable(value) or not is_concrete(value):
+    return
+  arr = np.asarray(value)
+  if arr.dtype.kind not in "biuf" or not np.all(arr >= 0):
+    hint = " (a number or an optax schedule)" if name == "learning_rate" else ""
+    raise ValueError(f"{fn}: {name} must be >= 0{hint}, got {value!r}.")
+
+
+def tree_float_dtype(tree):
+  """The dtype of ``tree``'s leaves promoted with Python ``float`` (weak)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.result_type(*leaves, float) if leaves else jnp.result_type(float)
+
+
+def tree_all_finite(tree):
+  """Scalar bool: every floating leaf of ``tree`` is finite (integer leaves always are)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
 def check_targets_shape(fn: str, outputs, targets, what: str = "outputs") -> None:

@@ -132,10 +132,10 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
         f"a negative_log_posterior (mm.negative_log_posterior(...)) to separate model "
         f"and likelihood; got {type(objective).__name__}. Use curvature='hessian' "
         "and preconditioner=None for a plain function.")
-  _opt._check_nonneg(fn, "learning_rate", learning_rate)
-  _opt._check_nonneg(fn, "damping", damping)
-  _opt._check_nonneg(fn, "tol", tol)
-  _opt._check_nonneg(fn, "min_damping", min_damping)
+  _checks.check_nonnegative("learning_rate", learning_rate, fn)
+  _checks.check_nonnegative("damping", damping, fn)
+  _checks.check_nonnegative("tol", tol, fn)
+  _checks.check_nonnegative("min_damping", min_damping, fn)
   _opt._check_factor(fn, "damping_factor", damping_factor)
   if not 0.0 <= warm_start <= 1.0:
     raise ValueError(f"{fn}: warm_start must lie in [0, 1], got {warm_start!r}.")
@@ -143,7 +143,7 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
     raise ValueError(f"{fn}: maxiter must be >= 1, got {maxiter!r}.")
 
   def init_fn(params):
-    dt = _opt._dtype(params)
+    dt = _checks.tree_float_dtype(params)
     return HessianFreeState(
         count=jnp.zeros((), jnp.int32), damping=_opt._scalar(damping, dt),
         rho=_opt._scalar(jnp.nan, dt), cg_iterations=jnp.zeros((), jnp.int32),
@@ -179,7 +179,7 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
                  preconditioner=precond)
     bd = curv(d)
     gd, dbd = tree_vdot(grads, d), tree_vdot(d, bd)
-    good = _opt._all_finite(d) & (gd < 0) & (gd + 0.5 * dbd < 0)
+    good = _checks.tree_all_finite(d) & (gd < 0) & (gd + 0.5 * dbd < 0)
 
     def gradient_step(_):
       bg = curv(grads)
@@ -195,7 +195,7 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
     gd, dbd = tree_vdot(grads, d), tree_vdot(d, bd)
     lr = _opt._lr_at(learning_rate, state.count, lam.dtype)
     step = _tmap(lambda u: (lr * u).astype(u.dtype), d)
-    finite = _opt._all_finite(step)
+    finite = _checks.tree_all_finite(step)
     step = _opt._where_tree(finite, step, _tmap(jnp.zeros_like, step))
     f0 = objective(params, inputs, targets)
     f1 = objective(optax.apply_updates(params, step), inputs, targets)
@@ -205,7 +205,7 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
     floor = jnp.asarray(min_damping, lam.dtype)
     next_lam = _opt._adapt_damping(lam, rho, accept, damping_factor, floor).astype(lam.dtype)
     # A rejected direction is a bad warm start (too long for the grown damping).
-    keep = accept & _opt._all_finite(d)
+    keep = accept & _checks.tree_all_finite(d)
     direction = _opt._where_tree(keep, d, _tmap(jnp.zeros_like, d))
     return updates, HessianFreeState(
         count=state.count + 1, damping=next_lam, rho=rho.astype(lam.dtype),

@@ -114,7 +114,7 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
     updates, ls_state = ls.update(d, state.linesearch, params, value=f0,
                                   grad=grads, value_fn=value_fn)
     accept = (jnp.isfinite(ls_state.value) & (ls_state.value < f0)
-              & _opt._all_finite(updates))
+              & _checks.tree_all_finite(updates))
     updates = _opt._where_tree(accept, updates, _tmap(jnp.zeros_like, updates))
     ls_state = _tmap(lambda n, o: jnp.where(accept, n, o).astype(o.dtype),
                      ls_state, state.linesearch)

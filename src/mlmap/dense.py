@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from mlmap import _checks
 from mlmap import curvature
 from mlmap import priors
 

@@ -68,11 +68,6 @@ def _check_int(fn: str, name: str, value, minimum: int) -> int:
   return int(value)
 
 
-def _check_nonneg(fn: str, name: str, value) -> None:
-  if _checks.is_concrete(value) and not np.all(np.asarray(value) >= 0):
-    raise ValueError(f"{fn}: {name} must be >= 0, got {value}.")
-
-
 # --- conjugate gradients ------------------------------------------------------
 
 class CGInfo(NamedTuple):
@@ -208,8 +203,8 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
     x0 = _tmap(lambda u, v: jnp.asarray(u, jnp.result_type(v)), x0, b)
   size = sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(b))
   maxiter = max(size, 1) if maxiter is None else _check_int(fn, "maxiter", maxiter, 1)
-  _check_nonneg(fn, "tol", tol)
-  _check_nonneg(fn, "atol", atol)
+  _checks.check_nonnegative("tol", tol, fn)
+  _checks.check_nonnegative("atol", atol, fn)
   precond = (lambda r: r) if preconditioner is None else preconditioner
 
   def solve(mv, rhs):

@@ -59,23 +59,9 @@ def _get_batch(fn: str, params, extra_args):
   return batch[0], batch[1]
 
 
-def _check_nonneg(fn: str, name: str, value) -> None:
-  if value is None or callable(value) or not _checks.is_concrete(value):
-    return
-  arr = np.asarray(value)
-  if arr.dtype.kind not in "biuf" or not np.all(arr >= 0):
-    raise ValueError(f"{fn}: {name} must be a number >= 0 (or an optax schedule "
-                     f"for learning_rate), got {value!r}.")
-
-
 def _check_factor(fn: str, name: str, value) -> None:
   if not (np.ndim(value) == 0 and float(value) > 1.0):
     raise ValueError(f"{fn}: {name} must be a number > 1, got {value!r}.")
-
-
-def _dtype(tree):
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.result_type(*leaves, float) if leaves else jnp.result_type(float)
 
 
 def _scalar(value, dtype):
@@ -85,11 +71,6 @@ def _scalar(value, dtype):
 def _lr_at(learning_rate, count, dtype):
   lr = learning_rate(count) if callable(learning_rate) else learning_rate
   return jnp.asarray(lr, dtype)
-
-
-def _all_finite(tree):
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
-  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
 def _where_tree(pred, a, b):
@@ -239,12 +220,12 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
   fn = "newton"
   if not callable(objective):
     raise TypeError(f"{fn}: objective must be callable, got {type(objective).__name__}.")
-  _check_nonneg(fn, "learning_rate", learning_rate)
-  _check_nonneg(fn, "damping", damping)
+  _checks.check_nonnegative("learning_rate", learning_rate, fn)
+  _checks.check_nonnegative("damping", damping, fn)
   _check_factor(fn, "damping_factor", damping_factor)
 
   def init_fn(params):
-    dt = _dtype(params)
+    dt = _checks.tree_float_dtype(params)
     return NewtonState(count=jnp.zeros((), jnp.int32), damping=_scalar(damping, dt),
                        rho=_scalar(jnp.nan, dt), negative_curvature=jnp.zeros((), bool),
                        rejected=jnp.zeros((), bool))
@@ -360,14 +341,14 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
         "mm.hessian_free(..., curvature='hessian').")
   if solver not in ("cg", "dense"):
     raise ValueError(f"{fn}: solver must be one of ('cg', 'dense'), got {solver!r}.")
-  _check_nonneg(fn, "learning_rate", learning_rate)
-  _check_nonneg(fn, "damping", damping)
-  _check_nonneg(fn, "tol", tol)
+  _checks.check_nonnegative("learning_rate", learning_rate, fn)
+  _checks.check_nonnegative("damping", damping, fn)
+  _checks.check_nonnegative("tol", tol, fn)
   if int(maxiter) < 1:
     raise ValueError(f"{fn}: maxiter must be >= 1, got {maxiter!r}.")
 
   def init_fn(params):
-    dt = _dtype(params)
+    dt = _checks.tree_float_dtype(params)
     return NaturalGradientState(
         count=jnp.zeros((), jnp.int32), damping=_scalar(damping, dt),
         cg_iterations=jnp.zeros((), jnp.int32), cg_residual=_scalar(0.0, dt),
@@ -394,7 +375,7 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
       iters = jnp.zeros((), jnp.int32)
       resid = jnp.linalg.norm(f @ x + lam * x - g)
       negative = lam_used > lam
-    ok = _all_finite(d) & (tree_vdot(grads, d) > 0)
+    ok = _checks.tree_all_finite(d) & (tree_vdot(grads, d) > 0)
     d = _where_tree(ok, d, grads)
     lr = _lr_at(learning_rate, state.count, lam.dtype)
     updates = _tmap(lambda u: (-lr * u).astype(u.dtype), d)

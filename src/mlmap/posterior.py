@@ -63,8 +63,7 @@ class NegativeLogPosterior:
   def prior_term(self, params):
     r""":math:`-\log p(w)`, zero for the flat prior."""
     if self.log_prior is None:
-      leaves = jax.tree_util.tree_leaves(params)
-      return jnp.zeros((), jnp.result_type(*leaves, float) if leaves else float)
+      return jnp.zeros((), _checks.tree_float_dtype(params))
     return -self.log_prior(params)
 
   def __call__(self, params, inputs, targets):

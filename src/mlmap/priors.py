@@ -24,7 +24,7 @@ def _per_leaf(fn: str, name: str, scale, params, leaf_logpdf):
   for s in leaves:
     _checks.check_positive(name, s, fn)
   if scale is None:
-    return jnp.zeros((), _dtype(params))
+    return jnp.zeros((), _checks.tree_float_dtype(params))
   if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(scale)):
     pairs = [(w, scale) for w in jax.tree_util.tree_leaves(params)]
   else:
@@ -39,7 +39,7 @@ def _per_leaf(fn: str, name: str, scale, params, leaf_logpdf):
       ) from None
     pairs = [p for lst in jax.tree_util.tree_leaves(
         nested, is_leaf=lambda x: isinstance(x, list)) for p in lst]
-  total = jnp.zeros((), _dtype(params))
+  total = jnp.zeros((), _checks.tree_float_dtype(params))
   for w, s in pairs:
     if s is None:
       continue
@@ -47,11 +47,6 @@ def _per_leaf(fn: str, name: str, scale, params, leaf_logpdf):
     s = jnp.broadcast_to(jnp.asarray(s, w.dtype), w.shape)
     total = total + jnp.sum(leaf_logpdf(w, s))
   return total
-
-
-def _dtype(params):
-  leaves = jax.tree_util.tree_leaves(params)
-  return jnp.result_type(*leaves, float) if leaves else jnp.result_type(float)
 
 
 def gaussian_log_prior(params, sigma=1.0):
@@ -103,7 +98,7 @@ def laplace_log_prior(params, scale=1.0):
 
 def flat_log_prior(params):
   r"""The flat (improper) prior, :math:`\log p(w) = 0`: MAP is then ML."""
-  return jnp.zeros((), _dtype(params))
+  return jnp.zeros((), _checks.tree_float_dtype(params))
 
 
 def prior_sigma_to_weight_decay(prior_sigma, noise_sigma=1.0):

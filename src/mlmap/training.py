@@ -20,14 +20,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from mlmap import _checks
+
 _tmap = jax.tree_util.tree_map
 CHECKPOINT_NAME = "checkpoint.ckpt"
-
-
-def _all_finite(tree):
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
 def make_train_step(objective, tx, *, jit=True):
@@ -83,7 +79,7 @@ def make_train_step(objective, tx, *, jit=True):
     def apply(_):
       updates, new_state = tx.update(grads, opt_state, params, batch=(inputs, targets))
       new_params = optax.apply_updates(params, updates)
-      ok = _all_finite(new_params) & _all_finite(new_state) & _all_finite(updates)
+      ok = _checks.tree_all_finite((new_params, new_state, updates))
       return new_params, new_state, ok
 
     def skip(_):
