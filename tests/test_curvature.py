@@ -294,13 +294,18 @@ def test_unknown_likelihood_and_options_raise():
     mm.fisher_vp(wrong_sigma, g_params, _vector(g_params), gx, gy)
 
 
-def test_log_partition_hessian_is_the_closed_form_output_fisher():
-  """F_z = Hessian of A(z) for the canonical built-ins, as fisher_vp computes it."""
+def test_builtin_output_fisher_is_the_closed_form():
+  """Bernoulli p(1-p) u and categorical (diag(p) - p p^T) u, in numpy."""
   from mlmap import _fisher
   rng = np.random.default_rng(3)
   z, u = rng.normal(size=(6, 4)) * 3, rng.normal(size=(6, 4))
-  for kind in ("bernoulli", "categorical", "soft_categorical"):
-    lin = jax.jit(lambda z, u, k=kind: jax.jvp(jax.grad(_fisher.log_partition(k)), (z,), (u,))[1])
-    closed = _fisher.builtin_output_fisher_vp(kind, {})(z, u)
-    np.testing.assert_allclose(lin(z, u), closed, rtol=1e-12, atol=1e-14)
+  sig = 1.0 / (1.0 + np.exp(-z))
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  fisher = np.eye(4)[None] * p[:, :, None] - p[:, :, None] * p[:, None, :]
+  cat = np.einsum("bkl,bl->bk", fisher, u)
+  for kind, ref in (("bernoulli", sig * (1 - sig) * u), ("categorical", cat),
+                    ("soft_categorical", cat)):
+    got = jax.jit(_fisher.builtin_output_fisher_vp(kind, {}))(z, u)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
   assert _fisher.log_partition("gaussian") is None

@@ -211,16 +211,8 @@ def fisher_vp_fn(nlp, params, inputs, targets, output_fisher_vp=None):
   """Linearize the model once; return ``v -> F v`` (see :func:`fisher_vp`)."""
   _check_nlp("fisher_vp", nlp)
   ofvp = _output_fisher("fisher_vp", nlp, output_fisher_vp)
-  found = None if output_fisher_vp is not None else _fisher.builtin_likelihood(
-      nlp.log_likelihood)
-  log_partition = _fisher.log_partition(found[0]) if found else None
-  if log_partition is not None:  # F_z = Hessian of A(z): same values, faster on CPU
-    def output_fisher(outputs):
-      return jax.linearize(jax.grad(log_partition), outputs)[1]
-  else:
-    def output_fisher(outputs):
-      return functools.partial(ofvp, outputs)
-  return _output_space_vp_fn("fisher_vp", nlp, params, inputs, output_fisher)
+  return _output_space_vp_fn("fisher_vp", nlp, params, inputs,
+                             lambda outputs: functools.partial(ofvp, outputs))
 
 
 def fisher_vp(nlp, params, vector, inputs, targets, output_fisher_vp=None):
