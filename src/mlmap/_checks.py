@@ -87,3 +87,41 @@ def check_tree_like(fn: str, name: str, tree, ref, ref_name: str = "params") -> 
           f"{fn}: {name} leaf shapes {[jnp.shape(x) for x in jax.tree_util.tree_leaves(tree)]} "
           f"differ from {ref_name} leaf shapes "
           f"{[jnp.shape(x) for x in jax.tree_util.tree_leaves(ref)]}.")
+
+
+def leaf_path(path) -> str:
+  """A pytree key path as the user wrote it: ``['layer']['w']`` -> ``'layer/w'``."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts) if parts else "<root>"
+
+
+def non_float_leaves(tree) -> list:
+  """``[(path, dtype), ...]`` of the leaves of ``tree`` that are not floating arrays."""
+  bad = []
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dt = jnp.result_type(x)
+    if not jnp.issubdtype(dt, jnp.floating):
+      bad.append((leaf_path(path), dt))
+  return bad
+
+
+def check_float_leaves(fn: str, tree, name: str = "params") -> None:
+  """Raise ``TypeError`` naming every non-floating leaf of ``tree`` by its path.
+
+  Integer or bool leaves in a parameter pytree (a step counter, a mask) are not
+  weights: differentiating, penalizing or updating them is a silent mistake.
+  """
+  bad = non_float_leaves(tree)
+  if bad:
+    listed = ", ".join(f"'{p}' ({d})" for p, d in bad)
+    raise TypeError(
+        f"{fn}: {name} must have floating leaves only; non-floating leaves: {listed}. "
+        f"Keep counters and masks out of {name} (close over them in apply_fn), or "
+        "mark them None in the prior's scale tree where a prior is all that reads them.")
