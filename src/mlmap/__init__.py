@@ -27,6 +27,7 @@ from mlmap.posterior import negative_log_posterior
 
 # --- linalg (cg, lanczos) ----------------------------------------------------
 from mlmap.linalg import CGInfo
+from mlmap.linalg import CGStatus
 from mlmap.linalg import cg
 from mlmap.linalg import LanczosResult
 from mlmap.linalg import lanczos
@@ -102,6 +103,7 @@ __all__ = (
     "NegativeLogPosterior",
     "negative_log_posterior",
     "CGInfo",
+    "CGStatus",
     "cg",
     "LanczosResult",
     "lanczos",

@@ -35,8 +35,14 @@ def _check_chunk(fn, chunk_size):
   return int(chunk_size)
 
 
-def _check_bytes(fn, num_params, dtype, max_bytes):
-  if not isinstance(max_bytes, (int, float)) or max_bytes <= 0:
+def check_dense_bytes(fn, num_params, dtype, max_bytes):
+  """Refuse a dense ``(P, P)`` array above ``max_bytes``, naming the call ``fn``.
+
+  Dense consumers (``log_evidence``, ``laplace``, ``newton``, ...) call this with
+  their own name before building a matrix, so the advice names the argument the
+  user can actually pass.
+  """
+  if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)) or max_bytes <= 0:
     raise ValueError(f"{fn}: max_bytes must be a positive number, got {max_bytes!r}.")
   need = num_params * num_params * jnp.dtype(dtype).itemsize
   if need > max_bytes:
@@ -44,7 +50,7 @@ def _check_bytes(fn, num_params, dtype, max_bytes):
         f"{fn}: the dense ({num_params}, {num_params}) {jnp.dtype(dtype).name} "
         f"matrix needs {need} bytes ({need / 1024**3:.3g} GiB), more than "
         f"max_bytes={max_bytes} ({max_bytes / 1024**3:.3g} GiB). Pass a larger "
-        "max_bytes if you have the memory, or use the matrix-free products "
+        f"max_bytes= to {fn} if you have the memory, or use the matrix-free products "
         "(mm.hvp, mm.ggn_vp, ...) with mm.cg / mm.lanczos.")
 
 
@@ -53,7 +59,7 @@ def _dense_from_matvec(fn, matvec, params, chunk_size, max_bytes):
   chunk_size = _check_chunk(fn, chunk_size)
   flat, unravel = ravel_pytree(params)
   num_params = flat.size
-  _check_bytes(fn, num_params, flat.dtype, max_bytes)
+  check_dense_bytes(fn, num_params, flat.dtype, max_bytes)
 
   def column(j):
     e = jnp.zeros((num_params,), flat.dtype).at[j].set(1)

@@ -70,6 +70,21 @@ def _check_int(fn: str, name: str, value, minimum: int) -> int:
 
 # --- conjugate gradients ------------------------------------------------------
 
+class CGStatus:
+  """Integer codes of :attr:`CGInfo.status` (like lineax's ``RESULTS``).
+
+  ``CONVERGED``: the residual met ``tol``/``atol`` and stayed finite.
+  ``MAX_ITERATIONS``: ``maxiter`` steps ran without meeting the tolerance.
+  ``NEGATIVE_CURVATURE``: a direction with ``p^T A p <= 0`` stopped the solve.
+  ``BREAKDOWN``: a non-finite value (NaN/inf matvec or residual) stopped it.
+  """
+  CONVERGED = 0
+  MAX_ITERATIONS = 1
+  NEGATIVE_CURVATURE = 2
+  BREAKDOWN = 3
+  NAMES = ("converged", "max_iterations", "negative_curvature", "breakdown")
+
+
 class CGInfo(NamedTuple):
   """Diagnostics of :func:`cg`.
 

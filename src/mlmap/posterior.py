@@ -30,6 +30,14 @@ def batch_size(inputs) -> int:
   return leaves[0].shape[0]
 
 
+def check_stateless_model(fn: str, params, outputs) -> None:
+  """Refuse model state (flax ``batch_stats``, ``mutable=``) with a clear error.
+
+  STUB: the owner of posterior.py fills this in (TypeError naming the collection).
+  """
+  del fn, params, outputs
+
+
 @dataclasses.dataclass(frozen=True)
 class NegativeLogPosterior:
   r"""Callable MAP objective; see :func:`negative_log_posterior`.
