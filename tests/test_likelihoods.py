@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.optimize
 import scipy.special
@@ -232,3 +233,129 @@ def test_partial_binding_documented_way():
   ll = functools.partial(mm.gaussian_log_likelihood, sigma=0.5)
   np.testing.assert_allclose(ll(jnp.array(1.0), jnp.array(0.0)),
                              scipy.stats.norm.logpdf(0.0, 1.0, 0.5), rtol=1e-12)
+
+
+# --- issue 10: no silent wrong values -----------------------------------------
+
+def test_sigma_that_enlarges_outputs_raises_naming_both_shapes():
+  # Item 1: sigma [B, 1] with outputs [B] broadcast to [B, B]: 8x the NLL (90.8, not 11.35).
+  with pytest.raises(ValueError, match=r"sigma shape \(8, 1\).*outputs' shape \(8,\)"):
+    mm.gaussian_log_likelihood(jnp.zeros(8), jnp.ones(8), sigma=jnp.ones((8, 1)))
+  sigma_head = mm.negative_log_posterior(
+      lambda w, x: x @ w, lambda z, t: mm.gaussian_log_likelihood(z, t, jnp.ones((8, 1))))
+  with pytest.raises(ValueError, match=r"\(8, 1\).*\(8,\)"):
+    jax.jit(sigma_head)(jnp.zeros(2), jnp.ones((8, 2)), jnp.ones(8))
+  right = mm.negative_log_posterior(
+      lambda w, x: x @ w, lambda z, t: mm.gaussian_log_likelihood(z, t, jnp.ones(8)))
+  np.testing.assert_allclose(jax.jit(right)(jnp.zeros(2), jnp.ones((8, 2)), jnp.ones(8)),
+                             -8 * scipy.stats.norm.logpdf(1.0), rtol=1e-12)  # 11.35
+
+
+def test_sigma_that_does_not_broadcast_is_a_clear_value_error():
+  with pytest.raises(ValueError, match=r"sigma shape \(3,\).*\(8,\)"):
+    jax.jit(mm.gaussian_log_likelihood)(jnp.zeros(8), jnp.ones(8), jnp.ones(3))
+
+
+def test_noise_head_sigma_broadcasting_to_outputs_still_works():
+  r = _rng(13)
+  out, t = r.normal(size=(7, 2)), r.normal(size=(7, 1))
+  ll = jax.jit(lambda o, t: mm.gaussian_log_likelihood(o[:, :1], t, jnp.exp(o[:, 1:])))
+  got = ll(out, t)
+  assert got.shape == (7, 1)
+  np.testing.assert_allclose(got, scipy.stats.norm.logpdf(t, out[:, :1], np.exp(out[:, 1:])),
+                             rtol=1e-12)
+  np.testing.assert_allclose(mm.gaussian_log_likelihood(out, out, np.array([0.5, 2.0])),
+                             scipy.stats.norm.logpdf(out, out, [0.5, 2.0]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [np.inf, np.nan, np.array([1.0, np.inf])])
+def test_non_finite_concrete_sigma(sigma):
+  with pytest.raises(ValueError, match="sigma must be finite"):
+    mm.gaussian_log_likelihood(jnp.zeros(2), jnp.zeros(2), sigma)
+
+
+def test_negative_concrete_labels_raise():
+  # Item 2: -1 (PyTorch's "ignore") would be read as class K-1.
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*-1"):
+    mm.categorical_log_likelihood(jnp.zeros((2, 3)), jnp.array([-1, 0]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
+def test_traced_out_of_range_labels_give_nan_entries(dtype):
+  r = _rng(14)
+  z = r.normal(size=(5, 3))
+  k = np.array([-1, 1, 3, 0, 2])
+  got = jax.jit(mm.categorical_log_likelihood)(z.astype(dtype), k)
+  assert got.dtype == dtype
+  ok = (k >= 0) & (k < 3)
+  assert np.all(np.isnan(np.asarray(got, np.float64)[~ok]))
+  ref = scipy.special.log_softmax(z, -1)[np.arange(5)[ok], k[ok]]
+  tol = 2e-2 if dtype == jnp.bfloat16 else 1e-6
+  np.testing.assert_allclose(np.asarray(got, np.float64)[ok], ref, rtol=tol, atol=tol)
+  # The summed loss is NaN (so make_train_step skips the batch); the gradient stays finite.
+  loss = jax.jit(lambda z, k: -jnp.sum(mm.categorical_log_likelihood(z, k)))
+  assert np.isnan(float(loss(z, k)))
+  chex.assert_tree_all_finite(jax.jit(jax.grad(loss))(z, k))
+
+
+def test_train_step_skips_a_batch_with_an_ignore_label():
+  nlp = mm.negative_log_posterior(lambda w, x: x @ w, mm.categorical_log_likelihood)
+  tx = optax.sgd(0.1)
+  step = mm.make_train_step(nlp, tx)
+  w, x = jnp.ones((2, 3)), jnp.asarray(_rng(18).normal(size=(2, 2)))
+  w_new, _, metrics = step(w, tx.init(w), (x, jnp.array([0, -1])))
+  np.testing.assert_array_equal(w_new, w)
+  assert bool(metrics["skipped"]) and np.isnan(float(metrics["loss"]))
+  w_ok, _, metrics = step(w, tx.init(w), (x, jnp.array([0, 2])))
+  assert not bool(metrics["skipped"]) and not np.array_equal(w_ok, w)
+
+
+def test_weight_mask_from_the_docstring():
+  r = _rng(15)
+  z = r.normal(size=(6, 4))
+  k = np.array([0, -1, 3, 2, -1, 1])
+  w = (k >= 0).astype(float)
+  masked = jax.jit(lambda z, t: t[1] * mm.categorical_log_likelihood(
+      z, jnp.where(t[1] > 0, t[0], 0)))
+  got = masked(z, (k, w))
+  ref = np.where(k >= 0, scipy.special.log_softmax(z, -1)[np.arange(6), np.maximum(k, 0)], 0.0)
+  np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+
+
+def test_bernoulli_targets_outside_unit_interval():
+  # Item 5: the audit's call returned +2.95, a log-probability above zero.
+  with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\].*-1\.0"):
+    mm.bernoulli_log_likelihood(jnp.array([-3.0]), jnp.array([-1.0]))
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    mm.bernoulli_log_likelihood(jnp.zeros(2), jnp.array([0.5, np.nan]))
+  s, t = np.array([-3.0, 0.5, 2.0, 1.0]), np.array([-1.0, 0.3, 1.5, 1.0])
+  got = np.asarray(jax.jit(mm.bernoulli_log_likelihood)(s, t))
+  assert np.all(np.isnan(got[[0, 2]]))
+  np.testing.assert_allclose(
+      got[[1, 3]], t[[1, 3]] * scipy.special.log_expit(s[[1, 3]])
+      + (1 - t[[1, 3]]) * scipy.special.log_expit(-s[[1, 3]]), rtol=1e-12)
+
+
+def test_soft_categorical_probs_must_be_distributions():
+  z = _rng(16).normal(size=(3, 4))
+  with pytest.raises(ValueError, match="probs must be >= 0"):
+    mm.soft_categorical_log_likelihood(z, np.array([[1.5, -0.5, 0.0, 0.0]] * 3))
+  with pytest.raises(ValueError, match=r"row \(1,\) sums to 2\.0"):
+    mm.soft_categorical_log_likelihood(z, np.array([[1.0, 0, 0, 0], [1.0, 1.0, 0, 0],
+                                                    [0.25] * 4]))
+  p = np.array([[1.0, 0, 0, 0], [1.5, -0.5, 0, 0], [0.5, 0.6, 0, 0]])
+  got = jax.jit(mm.soft_categorical_log_likelihood)(z, p)
+  assert np.isnan(got[1]) and np.isnan(got[2])
+  np.testing.assert_allclose(got[0], scipy.special.log_softmax(z[0])[0], rtol=1e-12)
+
+
+def test_soft_categorical_tolerance_by_dtype():
+  # float32 rounding of a softmax passes; an error of 1e-3 does not.
+  z = _rng(17).normal(size=(5, 10)).astype(np.float32)
+  p32 = jax.nn.softmax(jnp.asarray(z) * 3.0, axis=-1)
+  assert np.all(np.isfinite(mm.soft_categorical_log_likelihood(z, p32)))
+  with pytest.raises(ValueError, match="sum to 1"):
+    mm.soft_categorical_log_likelihood(z, p32 * (1 + 1e-3))
+  pbf = jax.nn.softmax(jnp.asarray(z, jnp.bfloat16), axis=-1)
+  assert np.all(np.isfinite(np.asarray(
+      jax.jit(mm.soft_categorical_log_likelihood)(z.astype(jnp.bfloat16), pbf), np.float32)))

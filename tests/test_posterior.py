@@ -162,3 +162,90 @@ def test_shape_bug_surfaces_through_nlp():
   nlp = mm.negative_log_posterior(lambda w, x: (x @ w["w"])[:, None], mm.gaussian_log_likelihood)
   with pytest.raises(ValueError, match=r"\(12, 1\).*\(12,\)"):
     jax.jit(nlp)(p, x, t)
+
+
+# --- issue 10: num_data and model state ----------------------------------------
+
+def test_num_data_smaller_than_batch_raises_naming_both():
+  # Item 8: N / B < 1 silently down-weighted the data.
+  x, t, p = _data(6)
+  nlp = mm.negative_log_posterior(_linear, mm.gaussian_log_likelihood, num_data=5)
+  with pytest.raises(ValueError, match=r"num_data = 5 is smaller than the batch size B = 12"):
+    nlp(p, x, t)
+  with pytest.raises(ValueError, match=r"num_data = 5.*B = 12"):
+    jax.jit(nlp)(p, x, t)
+  np.testing.assert_allclose(nlp.scale(x[:5]), 1.0)
+
+
+def test_empty_batch_raises():
+  # Item 8: was a bare ZeroDivisionError with num_data set.
+  x, t, p = _data(7)
+  for n in (10, None):
+    nlp = mm.negative_log_posterior(_linear, mm.gaussian_log_likelihood, num_data=n)
+    with pytest.raises(ValueError, match=r"batch is empty"):
+      nlp(p, x[:0], t[:0])
+
+
+class _BNNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Dense(4, param_dtype=jnp.float64)(x)
+    x = nn.BatchNorm(use_running_average=not train, param_dtype=jnp.float64)(x)
+    return nn.Dense(1, param_dtype=jnp.float64)(jnp.tanh(x))[:, 0]
+
+
+def _bn_setup():
+  x, t, _ = _data(8, n=10, d=3)
+  model = _BNNet()
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), variables)
+  return model, variables, x, t
+
+
+def test_flax_batch_stats_in_params_is_refused_naming_the_collection():
+  model, variables, x, t = _bn_setup()
+  nlp = mm.negative_log_posterior(lambda v, x: model.apply(v, x, train=False),
+                                  mm.gaussian_log_likelihood)
+  with pytest.raises(TypeError, match=r"'batch_stats'.*not supported yet.*close over"):
+    nlp(variables, x, t)
+  with pytest.raises(TypeError, match=r"'batch_stats'"):
+    jax.jit(nlp)(variables, x, t)
+
+
+def test_flax_mutable_outputs_are_refused_naming_the_collection():
+  model, variables, x, t = _bn_setup()
+  stats = variables["batch_stats"]
+  nlp = mm.negative_log_posterior(
+      lambda p, x: model.apply({"params": p, "batch_stats": stats}, x,
+                               mutable=["batch_stats"]), mm.gaussian_log_likelihood)
+  with pytest.raises(TypeError, match=r"apply_fn returned \(outputs, state\).*'batch_stats'"):
+    jax.jit(nlp)(variables["params"], x, t)
+  with pytest.raises(TypeError, match=r"'batch_stats'.*eval mode"):
+    mm.ggn_vp(nlp, variables["params"], variables["params"], x, t)
+
+
+def test_flax_state_closed_over_in_eval_mode_works():
+  model, variables, x, t = _bn_setup()
+  stats = variables["batch_stats"]
+  nlp = mm.negative_log_posterior(
+      lambda p, x: model.apply({"params": p, "batch_stats": stats}, x, train=False),
+      mm.gaussian_log_likelihood)
+  z = np.asarray(model.apply(variables, x, train=False))
+  np.testing.assert_allclose(jax.jit(nlp)(variables["params"], x, t),
+                             -scipy.stats.norm.logpdf(t, z).sum(), rtol=1e-12)
+
+
+def test_check_stateless_model_passes_structured_outputs():
+  from flax.core import FrozenDict
+  check = mm.posterior.check_stateless_model
+  check("f", {"params": {"w": 1.0}}, (jnp.zeros(2), jnp.ones(2)))
+  check("f", {"w": 1.0}, (jnp.zeros(2), {"log_sigma": jnp.ones(2)}))
+  check("f", {"cached": 1.0}, {"mean": jnp.zeros(2)})
+  with pytest.raises(TypeError, match=r"collections 'batch_stats', 'cache'"):
+    check("f", {"params": {}, "batch_stats": {}, "cache": {}}, None)
+  with pytest.raises(TypeError, match=r"'intermediates'"):
+    check("f", None, (jnp.zeros(2), {"intermediates": {}}))
+  with pytest.raises(TypeError, match=r"'stats'"):
+    check("f", None, (jnp.zeros(2), FrozenDict({"stats": {"m": jnp.zeros(1)}})))
+  with pytest.raises(TypeError, match=r"'extra'"):
+    check("f", FrozenDict({"params": {}, "extra": {}}), None)

@@ -134,3 +134,56 @@ def test_conversion_bad_input():
     mm.weight_decay_to_prior_sigma(0.0)
   with pytest.raises(ValueError, match="num_data must be > 0"):
     mm.prior_sigma_to_optax_weight_decay(1.0, 0)
+
+
+# --- issue 10: non-floating leaves, non-finite conversions --------------------
+
+@pytest.mark.parametrize("prior", [mm.gaussian_log_prior, mm.laplace_log_prior])
+def test_integer_leaf_raises_naming_its_path(prior):
+  # Item 3: the step counter was penalized as a weight (-500001.8).
+  params = {"w": jnp.zeros(1), "step": jnp.array(1000)}
+  with pytest.raises(TypeError, match=r"non-floating leaves: 'step' \(int"):
+    prior(params)
+  with pytest.raises(TypeError, match="'step'"):
+    jax.jit(prior)(params)
+  nested = {"layer": {"w": jnp.zeros(2), "mask": jnp.array([True, False])}}
+  with pytest.raises(TypeError, match=r"'layer/mask' \(bool\)"):
+    prior(nested, {"layer": 2.0})
+
+
+def test_integer_leaf_allowed_where_the_scale_tree_marks_it_none():
+  w = np.array([0.3, -1.2])
+  params = {"w": w, "step": jnp.array(1000), "state": {"mask": jnp.array([True]),
+                                                       "count": jnp.array(3)}}
+  sigma = {"w": 0.5, "step": None, "state": None}
+  got = jax.jit(mm.gaussian_log_prior)(params, sigma)
+  np.testing.assert_allclose(got, scipy.stats.norm.logpdf(w, 0, 0.5).sum(), rtol=1e-12)
+  got = mm.laplace_log_prior(params, {"w": 0.5, "step": None, "state": None})
+  np.testing.assert_allclose(got, scipy.stats.laplace.logpdf(w, 0, 0.5).sum(), rtol=1e-12)
+
+
+def test_list_and_tuple_scale_trees():
+  # Prefix trees whose nodes are lists or tuples (were mis-flattened before).
+  a, b = np.array([0.1, 0.2]), np.array([1.0, -2.0, 3.0])
+  ref = scipy.stats.norm.logpdf(a, 0, 1.0).sum() + scipy.stats.norm.logpdf(b, 0, 2.0).sum()
+  np.testing.assert_allclose(mm.gaussian_log_prior([a, b], [1.0, 2.0]), ref, rtol=1e-12)
+  np.testing.assert_allclose(mm.gaussian_log_prior((a, (b,)), (1.0, None)),
+                             scipy.stats.norm.logpdf(a).sum(), rtol=1e-12)
+
+
+def test_flat_prior_accepts_integer_leaves():
+  assert float(mm.flat_log_prior({"w": jnp.ones(2), "step": jnp.array(3)})) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_conversions_reject_non_finite(bad):
+  calls = [
+      (lambda: mm.prior_sigma_to_weight_decay(bad), "prior_sigma must be finite"),
+      (lambda: mm.prior_sigma_to_weight_decay(1.0, bad), "noise_sigma must be finite"),
+      (lambda: mm.weight_decay_to_prior_sigma(bad), "weight_decay must be finite"),
+      (lambda: mm.prior_sigma_to_optax_weight_decay(1.0, bad), "num_data must be finite"),
+      (lambda: mm.optax_weight_decay_to_prior_sigma(bad, 10), "weight_decay must be finite"),
+  ]
+  for call, msg in calls:
+    with pytest.raises(ValueError, match=msg):
+      call()

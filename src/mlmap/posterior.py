@@ -9,6 +9,7 @@ the likelihood apart again.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import jax
@@ -30,12 +31,66 @@ def batch_size(inputs) -> int:
   return leaves[0].shape[0]
 
 
+_STATE_COLLECTIONS = ("batch_stats", "cache", "intermediates", "losses", "perturbations")
+_STATE_HINT = (
+    "Model state is not supported yet: close over the state in apply_fn and run the "
+    "model in eval mode, e.g. apply_fn = lambda p, x: model.apply("
+    "{'params': p, 'batch_stats': batch_stats}, x, train=False), and pass only the "
+    "'params' collection as params.")
+
+
+def _state_in_params(params):
+  """The flax state collections among ``params``' top-level keys (``[]`` when none)."""
+  if not isinstance(params, Mapping):
+    return []
+  keys = [str(k) for k in params.keys()]
+  if "params" in keys:
+    return [k for k in keys if k != "params"]
+  return [k for k in keys if k in _STATE_COLLECTIONS]
+
+
+def _state_in_outputs(outputs):
+  """The collections of a flax ``mutable=`` result ``(y, {collection: ...})`` (``[]`` when not)."""
+  if not (isinstance(outputs, tuple) and len(outputs) == 2
+          and isinstance(outputs[1], Mapping)):
+    return []
+  keys = [str(k) for k in outputs[1].keys()]
+  frozen = type(outputs[1]).__name__ == "FrozenDict"
+  named = [k for k in keys if k in _STATE_COLLECTIONS + ("params",)]
+  return keys if frozen and keys else named
+
+
 def check_stateless_model(fn: str, params, outputs) -> None:
   """Refuse model state (flax ``batch_stats``, ``mutable=``) with a clear error.
 
-  STUB: the owner of posterior.py fills this in (TypeError naming the collection).
+  Two signs of model state are recognised, both from flax:
+
+  * ``params`` is a whole variables dict: a top-level key that is a state
+    collection (``"batch_stats"``, ``"cache"``, ``"intermediates"``, ...), or any
+    key other than ``"params"`` beside a ``"params"`` key;
+  * ``outputs`` is what ``model.apply(..., mutable=[...])`` returns: a 2-tuple
+    whose second element is a dict (or ``FrozenDict``) of state collections.
+
+  Structured outputs that are not flax state (a tuple ``(mean, log_sigma)``, a
+  dict of heads) pass. Only structure is read, so it works on traced values.
+
+  Args:
+    fn: the public function to name in the message.
+    params: the parameter pytree the model was called with, or ``None``.
+    outputs: what ``apply_fn`` returned, or ``None``.
+
+  Raises:
+    TypeError: naming the collection(s) found, saying model state is not
+      supported yet and how to close over it (eval mode).
   """
-  del fn, params, outputs
+  found = _state_in_params(params)
+  where = "params has the top-level collection"
+  if not found:
+    found = _state_in_outputs(outputs)
+    where = "apply_fn returned (outputs, state) with the collection"
+  if found:
+    listed = ", ".join(repr(k) for k in found)
+    raise TypeError(f"{fn}: {where}{'s' if len(found) > 1 else ''} {listed}. {_STATE_HINT}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,19 +109,42 @@ class NegativeLogPosterior:
   num_data: Optional[int] = None
 
   def scale(self, inputs):
-    """``N / B``: how many times the batch's likelihood counts (1 when N is None)."""
+    """``N / B``: how many times the batch's likelihood counts (1 when N is None).
+
+    Raises:
+      ValueError: an empty batch (``B = 0``), or ``num_data < B`` (a batch cannot
+        stand for fewer examples than it holds); shapes are concrete under ``jit``.
+    """
+    fn = "negative_log_posterior"
     b = batch_size(inputs)
-    return 1.0 if self.num_data is None else self.num_data / b
+    if b == 0:
+      raise ValueError(f"{fn}: the batch is empty (inputs' batch size B = 0); the "
+                       "likelihood of no examples cannot be scaled to num_data.")
+    if self.num_data is None:
+      return 1.0
+    if self.num_data < b:
+      raise ValueError(f"{fn}: num_data = {self.num_data} is smaller than the batch "
+                       f"size B = {b}; num_data is the size of the full data set "
+                       "the batch is drawn from (N >= B), or None for N = B.")
+    return self.num_data / b
 
   def per_example_nll(self, outputs, targets):
     """``-log p(t_i | z_i)`` summed over all but the leading axis: shape ``[B]``."""
+    check_stateless_model("negative_log_posterior", None, outputs)
     ll = jnp.asarray(self.log_likelihood(outputs, targets))
     return -jnp.sum(ll.reshape(ll.shape[0], -1), axis=1)
 
   def data_term(self, params, inputs, targets):
-    r""":math:`-\frac{N}{B}\sum_i \log p(t_i \mid f(x_i; w))` (the scaled NLL)."""
+    r""":math:`-\frac{N}{B}\sum_i \log p(t_i \mid f(x_i; w))` (the scaled NLL).
+
+    Raises:
+      TypeError: model state in ``params`` or ``apply_fn``'s result (see
+        :func:`check_stateless_model`).
+    """
+    scale = self.scale(inputs)  # checks the batch before the model sees it
     outputs = self.apply_fn(params, inputs)
-    return -self.scale(inputs) * jnp.sum(self.log_likelihood(outputs, targets))
+    check_stateless_model("negative_log_posterior", params, outputs)
+    return -scale * jnp.sum(self.log_likelihood(outputs, targets))
 
   def prior_term(self, params):
     r""":math:`-\log p(w)`, zero for the flat prior."""
