@@ -47,6 +47,8 @@ def test_cg_matches_numpy_solve():
     x, info = _solve(a, b)
     np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=0, atol=1e-10)
     assert not info.negative_curvature
+    assert bool(info.converged) and int(info.status) == mm.CGStatus.CONVERGED
+    assert info.status.dtype == jnp.int32 and info.converged.dtype == jnp.bool_
     assert 0 < int(info.iterations) <= n
     assert float(info.residual_norm) <= 1e-13 * np.linalg.norm(b) * 1.0001
     np.testing.assert_allclose(info.residual_norm, np.linalg.norm(b - a @ x), atol=1e-12)
@@ -86,6 +88,7 @@ def test_cg_x0_and_atol_and_maxiter():
   x, info = jax.jit(lambda b: mm.cg(lambda v: a @ v, b, maxiter=3, tol=0.0))(b)
   xr, k, _ = _numpy_cg(a, b, np.zeros(12), 3)
   assert int(info.iterations) == 3 == k
+  assert int(info.status) == mm.CGStatus.MAX_ITERATIONS and not bool(info.converged)
   np.testing.assert_allclose(x, xr, atol=1e-12)
   np.testing.assert_allclose(info.residual_norm, np.linalg.norm(b - a @ x), rtol=1e-8)
 
@@ -98,6 +101,7 @@ def test_cg_indefinite_flags_negative_curvature():
   x, info = jax.jit(lambda b: mm.cg(lambda v: a @ v, b, tol=1e-12))(b)
   xr, k, neg = _numpy_cg(a, b, np.zeros(8), 8)
   assert neg and bool(info.negative_curvature)
+  assert int(info.status) == mm.CGStatus.NEGATIVE_CURVATURE and not bool(info.converged)
   assert int(info.iterations) == k >= 1
   assert np.all(np.isfinite(np.asarray(x)))
   np.testing.assert_allclose(x, xr, atol=1e-10)
@@ -193,6 +197,100 @@ def test_cg_bad_inputs():
     mm.cg(lambda v: v[:2], jnp.ones(3))
   with pytest.raises(ValueError, match=r"preconditioner\(r\) tree structure .* differs from b"):
     mm.cg(mv, b, preconditioner=lambda r: r["a"])
+
+
+# --- cg status (issue 10, item 9) -------------------------------------------------
+
+def _status(info):
+  return np.asarray(info.status).tolist(), np.asarray(info.converged).tolist()
+
+
+def test_cg_nan_matvec_is_breakdown_with_finite_x():
+  a = _spd(6, 40)
+  b = np.random.default_rng(41).normal(size=6)
+  x, info = jax.jit(lambda b: mm.cg(lambda v: v * jnp.nan, b))(b)
+  assert _status(info) == (mm.CGStatus.BREAKDOWN, False)
+  np.testing.assert_array_equal(x, np.zeros(6))
+  # NaN only once a direction has a negative first entry: CG stops there and
+  # returns the last good iterate, equal to textbook CG run up to that step.
+  b = np.abs(b)
+  mv = lambda v: a @ v + jnp.where(v[0] < 0, jnp.nan, 0.0)
+  x, info = jax.jit(lambda b: mm.cg(mv, b, tol=1e-14))(b)
+  k = int(info.iterations)
+  assert int(info.status) == mm.CGStatus.BREAKDOWN and not bool(info.converged)
+  assert bool(info.negative_curvature)  # as documented: non-finite p^T A p
+  assert 1 <= k < 6 and np.all(np.isfinite(np.asarray(x)))
+  xr, kr, _ = _numpy_cg(a, b, np.zeros(6), k)
+  assert kr == k
+  np.testing.assert_allclose(x, xr, atol=1e-12)
+  np.testing.assert_allclose(info.residual_norm, np.linalg.norm(b - a @ xr), rtol=1e-8)
+
+
+def test_cg_inconsistent_singular_system_is_flagged_not_huge():
+  # The issue's case: diag(1, 0) x = (1, 1) has no solution.
+  x, info = jax.jit(lambda b: mm.cg(lambda v: jnp.array([1.0, 0.0]) * v, b))(jnp.ones(2))
+  assert int(info.status) == mm.CGStatus.NEGATIVE_CURVATURE and not bool(info.converged)
+  np.testing.assert_allclose(x, [2.0, 2.0])  # textbook CG's first iterate
+  # Rotated, so rounding makes p^T A p ~ 1e-17 > 0 (jax.scipy's cg returns ~1e16).
+  rng = np.random.default_rng(42)
+  q, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+  a = q @ np.diag([3.0, 2.0, 1.0, 1.0, 0.0, 0.0]) @ q.T
+  b = rng.normal(size=6)
+  x, info = jax.jit(lambda b: mm.cg(lambda v: a @ v, b, tol=1e-10))(b)
+  assert int(info.status) in (mm.CGStatus.NEGATIVE_CURVATURE, mm.CGStatus.BREAKDOWN)
+  assert not bool(info.converged)
+  # CG residuals grow on an inconsistent system, so x is not the least-squares
+  # solution; it must be finite and moderate, where unguarded CG divides by
+  # rounding-level curvature.
+  assert np.linalg.norm(np.asarray(x)) < 1e3
+  x_jax, _ = jax.scipy.sparse.linalg.cg(lambda v: a @ v, jnp.asarray(b), tol=1e-10)
+  assert np.linalg.norm(np.asarray(x_jax)) > 1e10
+  np.testing.assert_allclose(info.residual_norm, np.linalg.norm(b - a @ x), rtol=1e-6)
+  # A consistent right-hand side of the same singular A still converges, to the
+  # minimum-norm solution (the Krylov space lies in range(A)).
+  bc = a @ rng.normal(size=6)
+  x, info = jax.jit(lambda b: mm.cg(lambda v: a @ v, b, tol=1e-12))(bc)
+  assert bool(info.converged) and int(info.status) == mm.CGStatus.CONVERGED
+  np.testing.assert_allclose(x, np.linalg.pinv(a) @ bc, atol=1e-10)
+
+
+def test_cg_preconditioner_not_positive_definite_is_breakdown():
+  a = _spd(5, 43)
+  b = np.random.default_rng(44).normal(size=5)
+  x0 = np.random.default_rng(45).normal(size=5)
+  x, info = mm.cg(lambda v: a @ v, b, x0=x0, preconditioner=lambda r: -r)
+  assert int(info.status) == mm.CGStatus.BREAKDOWN and not bool(info.converged)
+  assert int(info.iterations) == 0
+  np.testing.assert_array_equal(x, x0)
+
+
+def test_cg_vmap_members_have_their_own_status():
+  good = _spd(4, 46)
+  singular = np.diag([1.0, 1.0, 1.0, 0.0])
+  nan = np.full((4, 4), np.nan)
+  a = np.stack([good, singular, nan, good])
+  b = np.ones((4, 4))
+  solve = jax.jit(jax.vmap(lambda a, b, m: mm.cg(lambda v: a @ v, b, maxiter=m, tol=1e-12),
+                           in_axes=(0, 0, None)), static_argnums=2)
+  x, info = solve(a, b, 4)
+  assert np.asarray(info.status).tolist() == [mm.CGStatus.CONVERGED,
+                                              mm.CGStatus.NEGATIVE_CURVATURE,
+                                              mm.CGStatus.BREAKDOWN, mm.CGStatus.CONVERGED]
+  assert np.asarray(info.converged).tolist() == [True, False, False, True]
+  assert np.all(np.isfinite(np.asarray(x)))
+  np.testing.assert_allclose(x[0], np.linalg.solve(good, b[0]), atol=1e-10)
+  _, info = solve(a, b, 1)
+  assert int(info.status[0]) == mm.CGStatus.MAX_ITERATIONS
+
+
+def test_cg_info_positional_fields_kept_and_status_names():
+  info = mm.CGInfo(1, 0.5, False)  # three positional fields still construct
+  assert info.converged is None and info.status is None
+  assert mm.CGInfo._fields[:3] == ("iterations", "residual_norm", "negative_curvature")
+  assert mm.CGInfo._fields[3:] == ("converged", "status")
+  assert [mm.CGStatus.NAMES[c] for c in (mm.CGStatus.CONVERGED, mm.CGStatus.MAX_ITERATIONS,
+                                         mm.CGStatus.NEGATIVE_CURVATURE,
+                                         mm.CGStatus.BREAKDOWN)] == list(mm.CGStatus.NAMES)
 
 
 # --- lanczos --------------------------------------------------------------------

@@ -295,6 +295,124 @@ def test_nan_batch_gives_zero_update_not_nan():
   for tx in [mm.newton(objective), mm.hessian_free(objective, curvature="hessian")]:
     u, state = jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p, batch=bad))(g, w0)
     assert np.all(np.asarray(u) == 0) and bool(state.rejected)
+  assert int(state.cg_status) == mm.CGStatus.BREAKDOWN  # hessian_free's NaN products
+
+
+# --- CG status in the optimizer states (issue 10, item 9) ---------------------------
+
+@pytest.mark.parametrize("maxiter, tol", [(2, 1e-12), (200, 1e-6)])
+def test_hessian_free_cg_status_matches_a_direct_dense_solve(logistic, maxiter, tol):
+  nlp, batch, p0 = logistic["nlp"], logistic["batch"], logistic["params0"]
+  tx = mm.hessian_free(nlp, damping=1e-3, maxiter=maxiter, tol=tol)
+  grads = jax.grad(nlp)(p0, *batch)
+  _, state = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, batch=batch))(grads, p0)
+  # Logistic regression: GGN = Hessian, the numpy reference matrix.
+  a = logistic["hess"](np.zeros(31)) + 1e-3 * np.eye(31)
+  g = logistic["fun"](np.zeros(31))[1]
+  _, info = mm.cg(lambda v: a @ v, -g, maxiter=maxiter, tol=tol)
+  assert int(state.cg_status) == int(info.status)
+  # Same system; the iteration count may differ by rounding of the products.
+  assert abs(int(state.cg_iterations) - int(info.iterations)) <= 3
+  expected = mm.CGStatus.MAX_ITERATIONS if maxiter == 2 else mm.CGStatus.CONVERGED
+  assert int(state.cg_status) == expected
+  assert state.cg_status.dtype == jnp.int32 and tx.init(p0).cg_status.dtype == jnp.int32
+
+
+def test_natural_gradient_cg_status_and_nan_batch(logistic):
+  nlp, (x, y), p0 = logistic["nlp"], logistic["batch"], logistic["params0"]
+  grads = jax.grad(nlp)(p0, x, y)
+  for solver, maxiter, expected in [("cg", 100, mm.CGStatus.CONVERGED),
+                                    ("cg", 1, mm.CGStatus.MAX_ITERATIONS),
+                                    ("dense", 100, mm.CGStatus.CONVERGED)]:
+    tx = mm.natural_gradient(nlp, solver=solver, maxiter=maxiter)
+    _, state = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, batch=(x, y)))(grads, p0)
+    assert int(state.cg_status) == expected, (solver, maxiter)
+  # NaN inputs: the Fisher products are NaN; flagged, and no NaN update.
+  bad = (x.at[3, 0].set(jnp.nan), y)
+  g_bad = jax.grad(nlp)(p0, *bad)
+  for solver in ["cg", "dense"]:
+    tx = mm.natural_gradient(nlp, solver=solver)
+    u, state = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, batch=bad))(g_bad, p0)
+    assert int(state.cg_status) == mm.CGStatus.BREAKDOWN and bool(state.fallback), solver
+    assert all(np.all(np.asarray(a) == 0) for a in jax.tree.leaves(u)), solver
+
+
+# --- trace-time checks (issue 10: dense refusal, scalar objective, item 3) ---------
+
+def test_dense_optimizers_refuse_above_max_bytes(logistic):
+  nlp, batch, p0 = logistic["nlp"], logistic["batch"], logistic["params0"]
+  need = 31 * 31 * 8
+  grads = jax.grad(nlp)(p0, *batch)
+  for name, make in [("newton", lambda mb: mm.newton(nlp, max_bytes=mb)),
+                     ("natural_gradient",
+                      lambda mb: mm.natural_gradient(nlp, solver="dense", max_bytes=mb))]:
+    with pytest.raises(ValueError, match=rf"^{name}: the dense \(31, 31\) float64 .*"
+                       rf"max_bytes={need - 1}.*Pass a larger max_bytes= to {name}"):
+      make(need - 1).init(p0)
+    state = make(need).init(p0)  # exactly enough
+    with pytest.raises(ValueError, match=rf"^{name}: .*max_bytes"):
+      jax.jit(lambda g, s, p: make(need - 1).update(g, s, p, batch=batch))(grads, state, p0)
+    u, _ = jax.jit(lambda g, s, p: make(need).update(g, s, p, batch=batch))(grads, state, p0)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(u))
+    for bad in [0, -1.0, "2GB", True]:
+      with pytest.raises(ValueError, match=rf"{name}: max_bytes must be a positive number"):
+        make(bad)
+  # The matrix-free solver never builds the matrix, so max_bytes does not apply.
+  tx = mm.natural_gradient(nlp, solver="cg", max_bytes=8)
+  tx.update(grads, tx.init(p0), p0, batch=batch)
+
+
+def _all_optimizers(nlp):
+  return {"newton": mm.newton(nlp), "hessian_free": mm.hessian_free(nlp),
+          "hessian_free-hessian": mm.hessian_free(nlp, curvature="hessian"),
+          "natural_gradient": mm.natural_gradient(nlp),
+          "natural_gradient-dense": mm.natural_gradient(nlp, solver="dense"),
+          "nonlinear_cg": mm.nonlinear_cg(nlp)}
+
+
+def test_non_scalar_objective_raises_with_its_shape(logistic):
+  (x, y), p0 = logistic["batch"], logistic["params0"]
+  # A prior that forgot to sum returns one term per weight: nlp is shape (30,).
+  nlp = mm.negative_log_posterior(lambda p, inp: inp @ p["w"] + p["b"],
+                                  mm.bernoulli_log_likelihood, lambda p: -0.5 * p["w"] ** 2)
+  grads = jax.tree.map(jnp.ones_like, p0)
+  for name, tx in _all_optimizers(nlp).items():
+    fn = name.split("-")[0]
+    with pytest.raises(ValueError, match=rf"^{fn}: objective must return a scalar.*"
+                       r"returned shape \(30,\)"):
+      jax.jit(lambda g, p, tx=tx: tx.update(g, tx.init(p), p, batch=(x, y)))(grads, p0)
+  per_example = lambda w, inp, t: (inp @ w - t) ** 2  # a plain function, shape (569,)
+  w0 = jnp.zeros(30)
+  for tx in [mm.newton(per_example), mm.hessian_free(per_example, curvature="hessian"),
+             mm.nonlinear_cg(per_example)]:
+    with pytest.raises(ValueError, match=r"objective must return a scalar.*shape \(569,\)"):
+      tx.update(w0, tx.init(w0), w0, batch=(x, y))
+
+
+def test_non_floating_params_leaf_raises_naming_its_path(logistic):
+  nlp, batch, p0 = logistic["nlp"], logistic["batch"], logistic["params0"]
+  bad = {**p0, "step": jnp.array(1000)}
+  for name, tx in _all_optimizers(nlp).items():
+    fn = name.split("-")[0]
+    with pytest.raises(TypeError, match=rf"^{fn}: params .*'step' \(int"):
+      tx.init(bad)
+    with pytest.raises(TypeError, match=rf"^{fn}: params .*'step'"):
+      tx.update(bad, tx.init(p0), bad, batch=batch)
+  with pytest.raises(TypeError, match=r"'mask' \(bool\)"):
+    mm.newton(nlp).init({**p0, "mask": jnp.ones(3, bool)})
+
+
+def test_iteration_counts_must_be_integers(logistic):
+  nlp = logistic["nlp"]
+  for make in [mm.hessian_free, mm.natural_gradient]:
+    for bad in [0, 2.5, True, "10"]:
+      with pytest.raises(ValueError, match=r"maxiter must be an integer >= 1"):
+        make(nlp, maxiter=bad)
+    make(nlp, maxiter=20.0)  # an integral float is fine
+  with pytest.raises(ValueError, match="max_linesearch_steps must be an integer >= 1, got 0"):
+    mm.nonlinear_cg(nlp, max_linesearch_steps=0)
+  with pytest.raises(ValueError, match=r"restart_every \(or None\) must be an integer >= 1"):
+    mm.nonlinear_cg(nlp, restart_every=0.5)
 
 
 # --- optax composition -------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Hessian-free optimization (Martens 2010) as an optax transformation.
 
 Re-exported as ``mlmap.hessian_free``; shares its helpers with
-:mod:`mlmap.optimizers`.
+:mod:`mlmap.optimizers` through :mod:`mlmap._optim_common`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import optax
 from jax import lax
 
 from mlmap import _checks
-from mlmap import optimizers as _opt
+from mlmap import _optim_common as _oc
 from mlmap.curvature import ggn_vp_fn, hvp_fn
 from mlmap.dense import ggn_diagonal
-from mlmap.linalg import cg, tree_vdot
+from mlmap.linalg import CGStatus, cg, tree_vdot
 from mlmap.posterior import NegativeLogPosterior
 
 _tmap = jax.tree_util.tree_map
@@ -40,6 +40,9 @@ class HessianFreeState(NamedTuple):
     rejected: the last step was not taken (loss rose or was non-finite).
     direction: the last accepted CG solution (zeros after a rejected step),
       warm start of the next solve.
+    cg_status: int32 :class:`mlmap.CGStatus` code of the last CG solve
+      (``CONVERGED``, ``MAX_ITERATIONS`` -- the usual truncated solve --,
+      ``NEGATIVE_CURVATURE`` or ``BREAKDOWN``: a non-finite curvature product).
   """
   count: Any
   damping: Any
@@ -50,6 +53,7 @@ class HessianFreeState(NamedTuple):
   fallback: Any
   rejected: Any
   direction: Any
+  cg_status: Any = None
 
 
 def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
@@ -99,7 +103,7 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
       diagonal preconditioner.
     curvature: ``"ggn"`` or ``"hessian"``.
     damping: initial ``lambda >= 0``.
-    maxiter: CG iterations per update (>= 1).
+    maxiter: CG iterations per update, an integer >= 1.
     learning_rate: ``eta >= 0`` (float or optax schedule), 1 in Martens 2010.
     tol: relative residual tolerance of CG.
     warm_start: decay in [0, 1] of the previous solution used as CG's ``x0``.
@@ -109,7 +113,13 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
     min_damping: floor of the damping when the rule grows it from 0.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with :class:`HessianFreeState`.
+    An ``optax.GradientTransformationExtraArgs`` with :class:`HessianFreeState`;
+    its ``cg_status`` is the :class:`mlmap.CGStatus` of the last CG solve.
+
+  Raises:
+    ValueError: at trace time, when the objective is not scalar on the batch
+      or ``grads`` is not shaped like ``params``.
+    TypeError: when ``params`` has a non-floating leaf (named by its path).
 
   References:
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
@@ -136,24 +146,24 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
   _checks.check_nonnegative("damping", damping, fn)
   _checks.check_nonnegative("tol", tol, fn)
   _checks.check_nonnegative("min_damping", min_damping, fn)
-  _opt._check_factor(fn, "damping_factor", damping_factor)
+  _oc.check_factor(fn, "damping_factor", damping_factor)
   if not 0.0 <= warm_start <= 1.0:
     raise ValueError(f"{fn}: warm_start must lie in [0, 1], got {warm_start!r}.")
-  if int(maxiter) < 1:
-    raise ValueError(f"{fn}: maxiter must be >= 1, got {maxiter!r}.")
+  maxiter = _oc.check_count(fn, "maxiter", maxiter)
 
   def init_fn(params):
+    _oc.check_params(fn, params)
     dt = _checks.tree_float_dtype(params)
     return HessianFreeState(
-        count=jnp.zeros((), jnp.int32), damping=_opt._scalar(damping, dt),
-        rho=_opt._scalar(jnp.nan, dt), cg_iterations=jnp.zeros((), jnp.int32),
-        cg_residual=_opt._scalar(0.0, dt), negative_curvature=jnp.zeros((), bool),
+        count=jnp.zeros((), jnp.int32), damping=_oc.scalar(damping, dt),
+        rho=_oc.scalar(jnp.nan, dt), cg_iterations=jnp.zeros((), jnp.int32),
+        cg_residual=_oc.scalar(0.0, dt), negative_curvature=jnp.zeros((), bool),
         fallback=jnp.zeros((), bool), rejected=jnp.zeros((), bool),
-        direction=_tmap(jnp.zeros_like, params))
+        direction=_tmap(jnp.zeros_like, params),
+        cg_status=jnp.full((), CGStatus.CONVERGED, jnp.int32))
 
   def update_fn(grads, state, params=None, **extra_args):
-    inputs, targets = _opt._get_batch(fn, params, extra_args)
-    _checks.check_tree_like(fn, "grads", grads, params)
+    inputs, targets = _oc.check_update(fn, objective, grads, params, extra_args)
     lam = state.damping
 
     # Linearize once per update; every CG iteration reuses the linearization.
@@ -175,7 +185,7 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
 
     neg_g = _tmap(jnp.negative, grads)
     x0 = _tmap(lambda u: (warm_start * u).astype(u.dtype), state.direction)
-    d, info = cg(damped, neg_g, x0=x0, maxiter=int(maxiter), tol=tol,
+    d, info = cg(damped, neg_g, x0=x0, maxiter=maxiter, tol=tol,
                  preconditioner=precond)
     bd = curv(d)
     gd, dbd = tree_vdot(grads, d), tree_vdot(d, bd)
@@ -193,25 +203,25 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
 
     d, bd = lax.cond(good, lambda _: (d, bd), gradient_step, None)
     gd, dbd = tree_vdot(grads, d), tree_vdot(d, bd)
-    lr = _opt._lr_at(learning_rate, state.count, lam.dtype)
+    lr = _oc.lr_at(learning_rate, state.count, lam.dtype)
     step = _tmap(lambda u: (lr * u).astype(u.dtype), d)
     finite = _checks.tree_all_finite(step)
-    step = _opt._where_tree(finite, step, _tmap(jnp.zeros_like, step))
+    step = _oc.where_tree(finite, step, _tmap(jnp.zeros_like, step))
     f0 = objective(params, inputs, targets)
     f1 = objective(optax.apply_updates(params, step), inputs, targets)
-    rho, accept = _opt._reduction_ratio(f0, f1, lr * gd + 0.5 * lr * lr * dbd)
+    rho, accept = _oc.reduction_ratio(f0, f1, lr * gd + 0.5 * lr * lr * dbd)
     accept = accept & finite
-    updates = _opt._where_tree(accept, step, _tmap(jnp.zeros_like, step))
+    updates = _oc.where_tree(accept, step, _tmap(jnp.zeros_like, step))
     floor = jnp.asarray(min_damping, lam.dtype)
-    next_lam = _opt._adapt_damping(lam, rho, accept, damping_factor, floor).astype(lam.dtype)
+    next_lam = _oc.adapt_damping(lam, rho, accept, damping_factor, floor).astype(lam.dtype)
     # A rejected direction is a bad warm start (too long for the grown damping).
     keep = accept & _checks.tree_all_finite(d)
-    direction = _opt._where_tree(keep, d, _tmap(jnp.zeros_like, d))
+    direction = _oc.where_tree(keep, d, _tmap(jnp.zeros_like, d))
     return updates, HessianFreeState(
         count=state.count + 1, damping=next_lam, rho=rho.astype(lam.dtype),
         cg_iterations=info.iterations.astype(jnp.int32),
         cg_residual=info.residual_norm.astype(lam.dtype),
         negative_curvature=info.negative_curvature, fallback=~good, rejected=~accept,
-        direction=direction)
+        direction=direction, cg_status=info.status)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,7 +1,7 @@
 """Nonlinear conjugate gradients (Polak-Ribiere+) as an optax transformation.
 
 Re-exported as ``mlmap.nonlinear_cg``; shares its helpers with
-:mod:`mlmap.optimizers`.
+:mod:`mlmap.optimizers` through :mod:`mlmap._optim_common`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from mlmap import _checks
-from mlmap import optimizers as _opt
+from mlmap import _optim_common as _oc
 from mlmap.linalg import tree_vdot
 
 _tmap = jax.tree_util.tree_map
@@ -61,12 +61,17 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
   Args:
     objective: ``objective(params, inputs, targets) -> scalar``.
     restart_every: restart period (int >= 1) or None (number of parameters).
-    max_linesearch_steps: line-search budget per update.
+    max_linesearch_steps: line-search budget per update, an integer >= 1.
     c1: sufficient-decrease constant, ``0 < c1 < c2``.
     c2: curvature constant, ``< 1``; 0.1 is usual for CG (Nocedal & Wright).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`NonlinearCGState`.
+
+  Raises:
+    ValueError: at trace time, when the objective is not scalar on the batch
+      or ``grads`` is not shaped like ``params``.
+    TypeError: when ``params`` has a non-floating leaf (named by its path).
 
   References:
     Polak & Ribiere, 1969; Nocedal & Wright, "Numerical Optimization", 2006,
@@ -77,8 +82,9 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
     raise TypeError(f"{fn}: objective must be callable, got {type(objective).__name__}.")
   if not 0.0 < c1 < c2 < 1.0:
     raise ValueError(f"{fn}: need 0 < c1 < c2 < 1, got c1={c1!r}, c2={c2!r}.")
-  if restart_every is not None and int(restart_every) < 1:
-    raise ValueError(f"{fn}: restart_every must be >= 1 or None, got {restart_every!r}.")
+  if restart_every is not None:
+    restart_every = _oc.check_count(fn, "restart_every (or None)", restart_every)
+  max_linesearch_steps = _oc.check_count(fn, "max_linesearch_steps", max_linesearch_steps)
   ls = optax.scale_by_zoom_linesearch(
       max_linesearch_steps=max_linesearch_steps, slope_rtol=c1, curv_rtol=c2,
       initial_guess_strategy="keep")
@@ -87,6 +93,7 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
     return _tmap(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
 
   def init_fn(params):
+    _oc.check_params(fn, params)
     zeros = _tmap(jnp.zeros_like, params)
     return NonlinearCGState(
         count=jnp.zeros((), jnp.int32), direction=zeros, prev_grad=zeros,
@@ -94,10 +101,9 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
         linesearch=_strong(ls.init(params)))
 
   def update_fn(grads, state, params=None, **extra_args):
-    inputs, targets = _opt._get_batch(fn, params, extra_args)
-    _checks.check_tree_like(fn, "grads", grads, params)
+    inputs, targets = _oc.check_update(fn, objective, grads, params, extra_args)
     period = (sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
-              if restart_every is None else int(restart_every))
+              if restart_every is None else restart_every)
     gg_prev = tree_vdot(state.prev_grad, state.prev_grad)
     beta = tree_vdot(grads, _tmap(jnp.subtract, grads, state.prev_grad))
     beta = jnp.maximum(beta / jnp.where(gg_prev > 0, gg_prev, 1.0), 0.0)
@@ -105,7 +111,7 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
     beta = jnp.where(restart, 0.0, beta)
     d = _tmap(lambda g, p: -g + beta.astype(g.dtype) * p, grads, state.direction)
     descent = tree_vdot(grads, d) < 0
-    d = _opt._where_tree(descent, d, _tmap(jnp.negative, grads))
+    d = _oc.where_tree(descent, d, _tmap(jnp.negative, grads))
 
     def value_fn(p):
       return objective(p, inputs, targets)
@@ -115,7 +121,7 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
                                   grad=grads, value_fn=value_fn)
     accept = (jnp.isfinite(ls_state.value) & (ls_state.value < f0)
               & _checks.tree_all_finite(updates))
-    updates = _opt._where_tree(accept, updates, _tmap(jnp.zeros_like, updates))
+    updates = _oc.where_tree(accept, updates, _tmap(jnp.zeros_like, updates))
     ls_state = _tmap(lambda n, o: jnp.where(accept, n, o).astype(o.dtype),
                      ls_state, state.linesearch)
     return updates, NonlinearCGState(

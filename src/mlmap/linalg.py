@@ -75,8 +75,12 @@ class CGStatus:
 
   ``CONVERGED``: the residual met ``tol``/``atol`` and stayed finite.
   ``MAX_ITERATIONS``: ``maxiter`` steps ran without meeting the tolerance.
-  ``NEGATIVE_CURVATURE``: a direction with ``p^T A p <= 0`` stopped the solve.
-  ``BREAKDOWN``: a non-finite value (NaN/inf matvec or residual) stopped it.
+  ``NEGATIVE_CURVATURE``: a direction with ``p^T A p <= 0`` (or at rounding
+  level: a singular ``A``) stopped the solve.
+  ``BREAKDOWN``: a non-finite value (NaN/inf matvec, residual or iterate) or a
+  preconditioner with ``r^T M^{-1} r <= 0`` stopped it.
+
+  ``CGStatus.NAMES[code]`` is the code's name.
   """
   CONVERGED = 0
   MAX_ITERATIONS = 1
@@ -91,14 +95,23 @@ class CGInfo(NamedTuple):
   Attributes:
     iterations: number of CG steps taken (updates of ``x``), int32 scalar.
     residual_norm: ``||b - A x||_2`` of the returned ``x`` (the recursively
-      updated residual, which equals the true one up to rounding).
-    negative_curvature: True when a search direction with ``p^T A p <= 0`` (or
-      a non-finite ``p^T A p``) stopped the solve; ``x`` is then the last
-      iterate before that direction (``x0`` if it was the first).
+      updated residual, which equals the true one up to rounding; NaN or inf
+      when the matvec of ``x0`` was not finite).
+    negative_curvature: True when a search direction stopped the solve because
+      its curvature ``p^T A p`` was not positive, was at rounding level
+      (``<= 10 eps ||p||^2`` times the largest ``p^T A p / ||p||^2`` seen so
+      far: a singular ``A``), or was not finite; ``x`` is then the last iterate
+      before that direction (``x0`` if it was the first).
+    converged: bool scalar, ``residual_norm <= max(tol ||b||, atol)``, finite,
+      and the solve was not stopped by negative curvature or a breakdown.
+    status: int32 scalar, one of the :class:`CGStatus` codes (``CGStatus.NAMES[
+      status]`` is its name); under ``vmap`` each member has its own.
   """
   iterations: Any
   residual_norm: Any
   negative_curvature: Any
+  converged: Any = None
+  status: Any = None
 
 
 class _CGState(NamedTuple):
@@ -109,7 +122,56 @@ class _CGState(NamedTuple):
   p: Any
   rz: Any
   rnorm: Any
-  negative: Any
+  negative: Any    # stopped by a non-positive / rounding-level / non-finite p^T A p
+  breakdown: Any   # stopped by a non-finite value or a non-positive r^T M^{-1} r
+  curv_max: Any    # largest Rayleigh quotient p^T A p / ||p||^2 seen so far
+
+
+def _cg_status(s, threshold):
+  """``(converged, status)`` of a finished :func:`_cg_loop` state.
+
+  A breakdown (non-finite ``p^T A p``, residual or iterate; a preconditioner
+  with ``r^T M^{-1} r <= 0``) outranks negative curvature, which outranks the
+  tolerance test.
+  """
+  finite = jnp.isfinite(s.rnorm)
+  breakdown = s.breakdown | ~finite
+  negative = s.negative & ~breakdown
+  met = finite & (s.rnorm <= threshold)
+  status = jnp.where(breakdown, CGStatus.BREAKDOWN,
+                     jnp.where(negative, CGStatus.NEGATIVE_CURVATURE,
+                               jnp.where(met, CGStatus.CONVERGED, CGStatus.MAX_ITERATIONS)))
+  return met & ~negative & ~breakdown, status.astype(jnp.int32)
+
+
+def _cg_step(matvec, precond, dtype, threshold, s):
+  """One preconditioned CG step; a step that breaks down keeps the old iterate."""
+  eps = jnp.finfo(dtype).eps
+  ap = matvec(s.p)
+  pap, pp = tree_vdot(s.p, ap, dtype), tree_vdot(s.p, s.p, dtype)
+  # Curvature at rounding level relative to the largest seen is not curvature:
+  # dividing by it is how an inconsistent singular system returns x ~ 1e15.
+  bad_pap = ~jnp.isfinite(pap)
+  negative = bad_pap | ~(pap > 10 * eps * pp * s.curv_max)
+  alpha = s.rz / jnp.where(negative, 1, pap)
+  x = _axpy(alpha, s.p, s.x)
+  r = _axpy(-alpha, ap, s.r)
+  rnorm = jnp.sqrt(tree_vdot(r, r, dtype))
+  nonfinite = bad_pap | ~jnp.isfinite(rnorm) | ~_checks.tree_all_finite(x)
+  revert = negative | nonfinite
+  z = precond(r)
+  rz = tree_vdot(r, z, dtype)
+  # r^T M^{-1} r <= 0 (or NaN) with r not yet small: M is not positive definite.
+  bad_rz = ~(rz > 0) & (rnorm > threshold)
+  beta = rz / jnp.where(s.rz == 0, 1, s.rz)
+  p = _axpy(beta, s.p, z)
+  curv = jnp.where(pp > 0, pap / jnp.where(pp > 0, pp, 1), 0)
+  new = _CGState(k=s.k + 1, x=x, r=r, z=z, p=p, rz=rz, rnorm=rnorm,
+                 negative=s.negative, breakdown=s.breakdown | bad_rz,
+                 curv_max=jnp.maximum(s.curv_max, curv))
+  out = _tmap(lambda n, o: jnp.where(revert, o, n), new, s)
+  return out._replace(negative=s.negative | negative,
+                      breakdown=out.breakdown | nonfinite)
 
 
 def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond):
@@ -120,34 +182,22 @@ def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond):
   r0 = _tmap(lambda u, v: u - v, b, matvec(x0))
   z0 = precond(r0)
   _checks.check_tree_like("cg", "preconditioner(r)", z0, b, ref_name="b")
-  state = _CGState(k=jnp.zeros((), jnp.int32), x=x0, r=r0, z=z0, p=z0,
-                   rz=tree_vdot(r0, z0, dtype),
-                   rnorm=jnp.sqrt(tree_vdot(r0, r0, dtype)),
-                   negative=jnp.zeros((), bool))
+  rz0 = tree_vdot(r0, z0, dtype)
+  rnorm0 = jnp.sqrt(tree_vdot(r0, r0, dtype))
+  breakdown0 = ~jnp.isfinite(rnorm0) | (~(rz0 > 0) & (rnorm0 > threshold))
+  state = _CGState(k=jnp.zeros((), jnp.int32), x=x0, r=r0, z=z0, p=z0, rz=rz0,
+                   rnorm=rnorm0, negative=jnp.zeros((), bool), breakdown=breakdown0,
+                   curv_max=jnp.zeros((), dtype))
 
   def cond(s):
-    return (s.k < maxiter) & (s.rnorm > threshold) & ~s.negative
+    return (s.k < maxiter) & (s.rnorm > threshold) & ~s.negative & ~s.breakdown
 
-  def body(s):
-    ap = matvec(s.p)
-    pap = tree_vdot(s.p, ap, dtype)
-    negative = ~(pap > 0)  # also catches NaN
-    alpha = s.rz / jnp.where(negative, 1, pap)
-    x = _axpy(alpha, s.p, s.x)
-    r = _axpy(-alpha, ap, s.r)
-    z = precond(r)
-    rz = tree_vdot(r, z, dtype)
-    beta = rz / jnp.where(s.rz == 0, 1, s.rz)
-    p = _axpy(beta, s.p, z)
-    new = _CGState(k=s.k + 1, x=x, r=r, z=z, p=p, rz=rz,
-                   rnorm=jnp.sqrt(tree_vdot(r, r, dtype)), negative=negative)
-    # On non-positive curvature keep everything from before this step.
-    return _tmap(lambda n, o: jnp.where(negative, o, n),
-                 new._replace(negative=s.negative), s)._replace(negative=negative)
-
-  s = lax.while_loop(cond, body, state)
+  s = lax.while_loop(cond, functools.partial(_cg_step, matvec, precond, dtype, threshold),
+                     state)
+  converged, status = _cg_status(s, threshold)
   return s.x, CGInfo(iterations=s.k, residual_norm=s.rnorm,
-                     negative_curvature=s.negative)
+                     negative_curvature=s.negative,
+                     converged=converged, status=status)
 
 
 def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
@@ -165,6 +215,16 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
   In the last case (negative curvature, the case Newton-CG and Hessian-free
   need) ``info.negative_curvature`` is True and ``x`` is the last iterate
   before the offending direction ``p_k`` (``x0`` when it is the first one).
+  "Non-positive" is measured relative to rounding: a direction with
+  ``p_k^T A p_k <= 10 eps ||p_k||^2 max_{j<k} p_j^T A p_j / ||p_j||^2`` stops
+  the solve too, so an inconsistent singular system (``A = diag(1, 0)``,
+  ``b = (1, 1)``) returns a finite ``x`` flagged
+  ``CGStatus.NEGATIVE_CURVATURE`` instead of an ``x`` of size ``1 / eps``.
+  A non-finite ``p^T A p``, residual or iterate (a NaN or inf matvec), or a
+  preconditioner with ``r^T M^{-1} r <= 0``, stops it with
+  ``CGStatus.BREAKDOWN`` and the last finite iterate. Read ``info.converged``
+  (or ``info.status``, a :class:`CGStatus` code) before trusting ``x``: under
+  ``jit`` nothing is raised.
   With ``preconditioner(r) = M^{-1} r`` (symmetric positive definite ``M``) this
   is preconditioned CG; the stopping rule still uses the unpreconditioned
   residual. Runs in ``lax.while_loop``, so it works under ``jit`` and ``vmap``
@@ -193,7 +253,7 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
 
   Returns:
     ``(x, info)``: the solution pytree (``b``'s structure and dtypes) and a
-    :class:`CGInfo`.
+    :class:`CGInfo` (``converged``, ``status``, ``iterations``, ...).
 
   Examples:
     >>> import jax.numpy as jnp, mlmap as mm
@@ -201,6 +261,11 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
     >>> x, info = mm.cg(lambda v: A @ v, jnp.array([1.0, 2.0]), tol=1e-8)
     >>> bool(jnp.allclose(A @ x, jnp.array([1.0, 2.0]), atol=1e-5)), int(info.iterations)
     (True, 2)
+    >>> bool(info.converged), mm.CGStatus.NAMES[int(info.status)]
+    (True, 'converged')
+    >>> _, info = mm.cg(lambda v: jnp.array([1.0, 0.0]) * v, jnp.ones(2))  # singular
+    >>> bool(info.converged), mm.CGStatus.NAMES[int(info.status)]
+    (False, 'negative_curvature')
 
   References:
     Hestenes & Stiefel, "Methods of conjugate gradients for solving linear

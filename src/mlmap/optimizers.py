@@ -15,135 +15,30 @@ curvature in CG, a step that increases the loss) are handled inside the update
 and reported in the NamedTuple state; they never produce a NaN step.
 
 ``hessian_free`` lives in :mod:`mlmap._hf` and ``nonlinear_cg`` in
-:mod:`mlmap._ncg`; both are re-exported here.
+:mod:`mlmap._ncg`; both are re-exported here. The helpers they share live in
+:mod:`mlmap._optim_common`, which imports none of them (no import cycle).
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numpy as np
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve
 
 from mlmap import _checks
+from mlmap import _optim_common as _oc
+from mlmap._hf import HessianFreeState, hessian_free  # re-exported
+from mlmap._ncg import NonlinearCGState, nonlinear_cg  # re-exported
 from mlmap.curvature import fisher_vp_fn
-from mlmap.dense import fisher_matrix, hessian_matrix
-from mlmap.linalg import cg, tree_vdot
+from mlmap.dense import DEFAULT_MAX_BYTES, fisher_matrix, hessian_matrix
+from mlmap.linalg import CGStatus, cg, tree_vdot
 from mlmap.posterior import NegativeLogPosterior
 
 _tmap = jax.tree_util.tree_map
-
-
-# --- shared helpers (also used by mlmap._hf) -----------------------------------
-
-def _get_batch(fn: str, params, extra_args):
-  """The ``(inputs, targets)`` pair from the update's extra args, checked."""
-  if params is None:
-    raise ValueError(f"{fn}: tx.update needs params; call "
-                     "tx.update(grads, state, params, batch=(inputs, targets)).")
-  batch = extra_args.get("batch")
-  if batch is None:
-    raise ValueError(
-        f"{fn}: the update needs the minibatch its objective is evaluated on; pass "
-        f"batch=(inputs, targets) to tx.update(grads, state, params, "
-        f"batch=(inputs, targets)) (got extra args {sorted(extra_args)}).")
-  if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-    raise ValueError(f"{fn}: batch must be a pair (inputs, targets), got "
-                     f"{type(batch).__name__} of length "
-                     f"{len(batch) if hasattr(batch, '__len__') else '?'}.")
-  return batch[0], batch[1]
-
-
-def _check_factor(fn: str, name: str, value) -> None:
-  if not (np.ndim(value) == 0 and float(value) > 1.0):
-    raise ValueError(f"{fn}: {name} must be a number > 1, got {value!r}.")
-
-
-def _scalar(value, dtype):
-  return jnp.asarray(value, dtype=dtype)  # explicit dtype: never weak-typed
-
-
-def _lr_at(learning_rate, count, dtype):
-  lr = learning_rate(count) if callable(learning_rate) else learning_rate
-  return jnp.asarray(lr, dtype)
-
-
-def _where_tree(pred, a, b):
-  return _tmap(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
-def _noise(f0):
-  """Rounding level of objective differences: below it a model is uninformative."""
-  eps = jnp.finfo(jnp.result_type(f0)).eps
-  return 10.0 * eps * (jnp.abs(f0) + 1.0)
-
-
-def _reduction_ratio(f0, f1, predicted):
-  r"""``rho = (f1 - f0) / predicted`` and whether to accept the step.
-
-  ``predicted`` is the (negative) change of the quadratic model. A step is
-  accepted when ``f1`` is finite and not above ``f0`` (up to rounding); when the
-  model change is at rounding level, rho is 1 for an accepted step (converged:
-  nothing to learn about the damping) and -inf otherwise.
-  """
-  noise = _noise(f0)
-  accept = jnp.isfinite(f1) & jnp.isfinite(predicted) & (f1 <= f0 + noise)
-  informative = predicted < -noise
-  rho = (f1 - f0) / jnp.where(informative, predicted, -1.0)
-  rho = jnp.where(informative, rho, jnp.where(accept, 1.0, -jnp.inf))
-  rho = jnp.where(jnp.isfinite(f1), rho, -jnp.inf)
-  return rho, accept
-
-
-def _adapt_damping(damping, rho, accepted, factor, floor):
-  """Levenberg-Marquardt rule: rho < 1/4 grows the damping, rho > 3/4 shrinks it.
-
-  A rejected step (the loss rose) grows it by ``factor**3``: the step was far
-  outside the region where the quadratic model holds, and every rejection
-  costs a whole update.
-  """
-  cap = jnp.sqrt(jnp.finfo(jnp.result_type(damping)).max)
-  grow = jnp.where(accepted, factor, factor ** 3)
-  up = jnp.minimum(jnp.maximum(damping * grow, floor), cap)
-  return jnp.where(rho < 0.25, up, jnp.where(rho > 0.75, damping / factor, damping))
-
-
-def _damped_cholesky(h, damping, max_tries=40):
-  r"""Cholesky factor of ``h + lam I``, growing ``lam`` from ``damping`` until PD.
-
-  Nocedal & Wright (2006), Alg. 3.3: on failure ``lam <- max(10 lam, floor,
-  -min_i h_ii + floor)`` with ``floor = 1e-6 mean|h_ii|``. A failed
-  factorization shows up as NaN entries (jax's ``cholesky`` does not raise).
-
-  Returns:
-    ``(chol, lam, ok, floor)``; ``ok`` is False after ``max_tries`` failures
-    (a non-finite ``h``).
-  """
-  eye = jnp.eye(h.shape[0], dtype=h.dtype)
-  diag = jnp.diagonal(h)
-  scale = jnp.mean(jnp.abs(diag))
-  floor = 1e-6 * jnp.where(scale > 0, scale, 1.0)
-
-  def factor(lam):
-    chol = jnp.linalg.cholesky(h + lam * eye)
-    return chol, jnp.all(jnp.isfinite(chol))
-
-  def cond(c):
-    return ~c[2] & (c[3] < max_tries)
-
-  def body(c):
-    lam = jnp.maximum(jnp.maximum(10.0 * c[1], floor), floor - jnp.min(diag))
-    chol, ok = factor(lam)
-    return chol, lam, ok, c[3] + 1
-
-  chol0, ok0 = factor(damping)
-  chol, lam, ok, _ = lax.while_loop(cond, body, (chol0, damping, ok0, 0))
-  return chol, lam, ok, floor
 
 
 # --- Newton --------------------------------------------------------------------
@@ -168,7 +63,7 @@ class NewtonState(NamedTuple):
 
 
 def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
-           damping_factor=2.0):
+           damping_factor=2.0, max_bytes=DEFAULT_MAX_BYTES):
   r"""Damped Newton's method with the dense exact Hessian (Levenberg-Marquardt).
 
   .. math::
@@ -192,6 +87,8 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
   Cost: a dense ``P x P`` Hessian (``P`` Hessian-vector products, ``O(P^2)``
   memory) and an ``O(P^3)`` factorization per update, and more factorizations
   when ``lambda`` must grow: for small models (``P`` up to a few thousand).
+  ``init`` and ``update`` refuse (``ValueError`` naming ``newton`` and
+  ``max_bytes``) a Hessian larger than ``max_bytes`` before building it.
 
   Args:
     objective: ``objective(params, inputs, targets) -> scalar``.
@@ -199,9 +96,17 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
     damping: initial ``lambda >= 0`` (0: pure Newton while ``H`` is PD).
     adaptive: adapt ``lambda`` by ``rho`` and reject uphill steps.
     damping_factor: ``> 1``, the factor of the ``rho`` rule.
+    max_bytes: the largest dense ``P x P`` Hessian allowed, in bytes (default
+      :data:`mlmap.dense.DEFAULT_MAX_BYTES`, 2 GiB).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`NewtonState`.
+
+  Raises:
+    ValueError: at trace time, when the objective is not scalar on the batch,
+      ``grads`` is not shaped like ``params``, or the Hessian exceeds
+      ``max_bytes``.
+    TypeError: when ``params`` has a non-floating leaf (named by its path).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, mlmap as mm
@@ -222,33 +127,36 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
     raise TypeError(f"{fn}: objective must be callable, got {type(objective).__name__}.")
   _checks.check_nonnegative("learning_rate", learning_rate, fn)
   _checks.check_nonnegative("damping", damping, fn)
-  _check_factor(fn, "damping_factor", damping_factor)
+  _oc.check_factor(fn, "damping_factor", damping_factor)
+  _oc.check_dense(fn, (), max_bytes)  # validates max_bytes itself
 
   def init_fn(params):
+    _oc.check_params(fn, params)
+    _oc.check_dense(fn, params, max_bytes)
     dt = _checks.tree_float_dtype(params)
-    return NewtonState(count=jnp.zeros((), jnp.int32), damping=_scalar(damping, dt),
-                       rho=_scalar(jnp.nan, dt), negative_curvature=jnp.zeros((), bool),
+    return NewtonState(count=jnp.zeros((), jnp.int32), damping=_oc.scalar(damping, dt),
+                       rho=_oc.scalar(jnp.nan, dt), negative_curvature=jnp.zeros((), bool),
                        rejected=jnp.zeros((), bool))
 
   def update_fn(grads, state, params=None, **extra_args):
-    inputs, targets = _get_batch(fn, params, extra_args)
-    _checks.check_tree_like(fn, "grads", grads, params)
+    inputs, targets = _oc.check_update(fn, objective, grads, params, extra_args)
+    _oc.check_dense(fn, params, max_bytes)
     flat_w, unravel = ravel_pytree(params)
     g = ravel_pytree(grads)[0].astype(flat_w.dtype)
-    h = hessian_matrix(objective, params, inputs, targets)
+    h = hessian_matrix(objective, params, inputs, targets, max_bytes=max_bytes)
     h = 0.5 * (h + h.T)
     lam_in = state.damping
-    chol, lam, ok, floor = _damped_cholesky(h, lam_in)
-    step = -_lr_at(learning_rate, state.count, g.dtype) * cho_solve((chol, True), g)
+    chol, lam, ok, floor = _oc.damped_cholesky(h, lam_in)
+    step = -_oc.lr_at(learning_rate, state.count, g.dtype) * cho_solve((chol, True), g)
     finite = ok & jnp.all(jnp.isfinite(step))
     step = jnp.where(finite, step, 0.0)
     if adaptive:
       f0 = objective(params, inputs, targets)
       f1 = objective(unravel(flat_w + step), inputs, targets)
       predicted = g @ step + 0.5 * step @ (h @ step)
-      rho, accept = _reduction_ratio(f0, f1, predicted)
+      rho, accept = _oc.reduction_ratio(f0, f1, predicted)
       accept = accept & finite
-      next_lam = _adapt_damping(lam, rho, accept, damping_factor, floor)
+      next_lam = _oc.adapt_damping(lam, rho, accept, damping_factor, floor)
     else:
       rho, accept, next_lam = jnp.full((), jnp.nan, g.dtype), finite, lam_in
     step = jnp.where(accept, step, 0.0)
@@ -274,7 +182,11 @@ class NaturalGradientState(NamedTuple):
     negative_curvature: CG met ``p^T (F + lambda I) p <= 0`` (rounding), or the
       dense factorization needed extra damping.
     fallback: the solve failed (non-finite or not a descent direction) and the
-      plain gradient was used.
+      plain gradient was used (a zero update when the gradient is non-finite).
+    cg_status: int32 :class:`mlmap.CGStatus` code of the last solve
+      (``info.status`` of :func:`mlmap.cg`). For ``solver="dense"``:
+      ``CONVERGED``, ``NEGATIVE_CURVATURE`` when the factorization needed extra
+      damping, ``BREAKDOWN`` when it failed or gave a non-finite solution.
   """
   count: Any
   damping: Any
@@ -282,10 +194,33 @@ class NaturalGradientState(NamedTuple):
   cg_residual: Any
   negative_curvature: Any
   fallback: Any
+  cg_status: Any = None
+
+
+def _ng_direction(objective, solver, maxiter, tol, max_bytes, grads, params,
+                  inputs, targets, lam):
+  """``(d, iterations, residual, negative, status)`` with ``(F + lam I) d = g``."""
+  if solver == "cg":
+    fvp = fisher_vp_fn(objective, params, inputs, targets)
+
+    def matvec(v):
+      return _tmap(lambda a, b: a + lam.astype(b.dtype) * b, fvp(v), v)
+    d, info = cg(matvec, grads, maxiter=maxiter, tol=tol)
+    return d, info.iterations, info.residual_norm, info.negative_curvature, info.status
+  g, unravel = ravel_pytree(grads)
+  f = fisher_matrix(objective, params, inputs, targets, max_bytes=max_bytes)
+  chol, lam_used, factored, _ = _oc.damped_cholesky(0.5 * (f + f.T), lam)
+  x = cho_solve((chol, True), g)
+  resid = jnp.linalg.norm(f @ x + lam * x - g)
+  negative = lam_used > lam
+  ok = factored & jnp.all(jnp.isfinite(x))
+  status = jnp.where(~ok, CGStatus.BREAKDOWN,
+                     jnp.where(negative, CGStatus.NEGATIVE_CURVATURE, CGStatus.CONVERGED))
+  return unravel(x), jnp.zeros((), jnp.int32), resid, negative, status
 
 
 def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
-                     maxiter=100, tol=1e-6):
+                     maxiter=100, tol=1e-6, max_bytes=DEFAULT_MAX_BYTES):
   r"""Natural gradient descent with the exact Fisher (Amari 1998).
 
   .. math::
@@ -310,11 +245,23 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
     learning_rate: ``eta >= 0``, a float or an optax schedule.
     damping: ``lambda >= 0`` (Tikhonov damping, fixed).
     solver: ``"cg"`` or ``"dense"``.
-    maxiter: CG iterations per update (``solver="cg"``).
+    maxiter: CG iterations per update (``solver="cg"``), an integer >= 1.
     tol: relative CG residual tolerance.
+    max_bytes: the largest dense ``P x P`` Fisher allowed with
+      ``solver="dense"``, in bytes (default
+      :data:`mlmap.dense.DEFAULT_MAX_BYTES`, 2 GiB); ``init`` and ``update``
+      refuse a larger one (``ValueError`` naming ``natural_gradient`` and
+      ``max_bytes``) before building it.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with :class:`NaturalGradientState`.
+    An ``optax.GradientTransformationExtraArgs`` with :class:`NaturalGradientState`;
+    its ``cg_status`` says whether the last solve converged.
+
+  Raises:
+    ValueError: at trace time, when the objective is not scalar on the batch,
+      ``grads`` is not shaped like ``params``, or (``solver="dense"``) the
+      Fisher exceeds ``max_bytes``.
+    TypeError: when ``params`` has a non-floating leaf (named by its path).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, mlmap as mm
@@ -344,48 +291,37 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
   _checks.check_nonnegative("learning_rate", learning_rate, fn)
   _checks.check_nonnegative("damping", damping, fn)
   _checks.check_nonnegative("tol", tol, fn)
-  if int(maxiter) < 1:
-    raise ValueError(f"{fn}: maxiter must be >= 1, got {maxiter!r}.")
+  maxiter = _oc.check_count(fn, "maxiter", maxiter)
+  _oc.check_dense(fn, (), max_bytes)  # validates max_bytes itself
 
   def init_fn(params):
+    _oc.check_params(fn, params)
+    if solver == "dense":
+      _oc.check_dense(fn, params, max_bytes)
     dt = _checks.tree_float_dtype(params)
     return NaturalGradientState(
-        count=jnp.zeros((), jnp.int32), damping=_scalar(damping, dt),
-        cg_iterations=jnp.zeros((), jnp.int32), cg_residual=_scalar(0.0, dt),
-        negative_curvature=jnp.zeros((), bool), fallback=jnp.zeros((), bool))
+        count=jnp.zeros((), jnp.int32), damping=_oc.scalar(damping, dt),
+        cg_iterations=jnp.zeros((), jnp.int32), cg_residual=_oc.scalar(0.0, dt),
+        negative_curvature=jnp.zeros((), bool), fallback=jnp.zeros((), bool),
+        cg_status=jnp.full((), CGStatus.CONVERGED, jnp.int32))
 
   def update_fn(grads, state, params=None, **extra_args):
-    inputs, targets = _get_batch(fn, params, extra_args)
-    _checks.check_tree_like(fn, "grads", grads, params)
+    inputs, targets = _oc.check_update(fn, objective, grads, params, extra_args)
+    if solver == "dense":
+      _oc.check_dense(fn, params, max_bytes)
     lam = state.damping
-    if solver == "cg":
-      fvp = fisher_vp_fn(objective, params, inputs, targets)
-
-      def matvec(v):
-        fv = fvp(v)
-        return _tmap(lambda a, b: a + lam.astype(b.dtype) * b, fv, v)
-      d, info = cg(matvec, grads, maxiter=int(maxiter), tol=tol)
-      iters, resid, negative = info.iterations, info.residual_norm, info.negative_curvature
-    else:
-      g, unravel = ravel_pytree(grads)
-      f = fisher_matrix(objective, params, inputs, targets)
-      chol, lam_used, _, _ = _damped_cholesky(0.5 * (f + f.T), lam)
-      x = cho_solve((chol, True), g)
-      d = unravel(x)
-      iters = jnp.zeros((), jnp.int32)
-      resid = jnp.linalg.norm(f @ x + lam * x - g)
-      negative = lam_used > lam
+    d, iters, resid, negative, status = _ng_direction(
+        objective, solver, maxiter, tol, max_bytes, grads, params, inputs, targets, lam)
     ok = _checks.tree_all_finite(d) & (tree_vdot(grads, d) > 0)
-    d = _where_tree(ok, d, grads)
-    lr = _lr_at(learning_rate, state.count, lam.dtype)
+    # The fallback is the gradient, unless it too is non-finite: then no step.
+    fallback = _oc.where_tree(_checks.tree_all_finite(grads), grads,
+                              _tmap(jnp.zeros_like, grads))
+    d = _oc.where_tree(ok, d, fallback)
+    lr = _oc.lr_at(learning_rate, state.count, lam.dtype)
     updates = _tmap(lambda u: (-lr * u).astype(u.dtype), d)
     return updates, NaturalGradientState(
         count=state.count + 1, damping=lam, cg_iterations=iters.astype(jnp.int32),
         cg_residual=jnp.asarray(resid).astype(lam.dtype), negative_curvature=negative,
-        fallback=~ok)
+        fallback=~ok, cg_status=jnp.asarray(status, jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-from mlmap._hf import HessianFreeState, hessian_free  # noqa: E402  (re-export)
-from mlmap._ncg import NonlinearCGState, nonlinear_cg  # noqa: E402  (re-export)

@@ -1,0 +1,177 @@
+"""Helpers shared by the optax transformations of mlmap (private).
+
+Used by :mod:`mlmap.optimizers`, :mod:`mlmap._hf` and :mod:`mlmap._ncg`; kept
+apart so that those modules import this one and never each other (no cycle).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from mlmap import _checks
+from mlmap.dense import check_dense_bytes
+
+_tmap = jax.tree_util.tree_map
+
+
+def get_batch(fn: str, params, extra_args):
+  """The ``(inputs, targets)`` pair from the update's extra args, checked."""
+  if params is None:
+    raise ValueError(f"{fn}: tx.update needs params; call "
+                     "tx.update(grads, state, params, batch=(inputs, targets)).")
+  batch = extra_args.get("batch")
+  if batch is None:
+    raise ValueError(
+        f"{fn}: the update needs the minibatch its objective is evaluated on; pass "
+        f"batch=(inputs, targets) to tx.update(grads, state, params, "
+        f"batch=(inputs, targets)) (got extra args {sorted(extra_args)}).")
+  if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+    raise ValueError(f"{fn}: batch must be a pair (inputs, targets), got "
+                     f"{type(batch).__name__} of length "
+                     f"{len(batch) if hasattr(batch, '__len__') else '?'}.")
+  return batch[0], batch[1]
+
+
+def check_factor(fn: str, name: str, value) -> None:
+  if not (np.ndim(value) == 0 and float(value) > 1.0):
+    raise ValueError(f"{fn}: {name} must be a number > 1, got {value!r}.")
+
+
+def scalar(value, dtype):
+  return jnp.asarray(value, dtype=dtype)  # explicit dtype: never weak-typed
+
+
+def lr_at(learning_rate, count, dtype):
+  lr = learning_rate(count) if callable(learning_rate) else learning_rate
+  return jnp.asarray(lr, dtype)
+
+
+def where_tree(pred, a, b):
+  return _tmap(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def noise(f0):
+  """Rounding level of objective differences: below it a model is uninformative."""
+  eps = jnp.finfo(jnp.result_type(f0)).eps
+  return 10.0 * eps * (jnp.abs(f0) + 1.0)
+
+
+def reduction_ratio(f0, f1, predicted):
+  r"""``rho = (f1 - f0) / predicted`` and whether to accept the step.
+
+  ``predicted`` is the (negative) change of the quadratic model. A step is
+  accepted when ``f1`` is finite and not above ``f0`` (up to rounding); when the
+  model change is at rounding level, rho is 1 for an accepted step (converged:
+  nothing to learn about the damping) and -inf otherwise.
+  """
+  tiny = noise(f0)
+  accept = jnp.isfinite(f1) & jnp.isfinite(predicted) & (f1 <= f0 + tiny)
+  informative = predicted < -tiny
+  rho = (f1 - f0) / jnp.where(informative, predicted, -1.0)
+  rho = jnp.where(informative, rho, jnp.where(accept, 1.0, -jnp.inf))
+  rho = jnp.where(jnp.isfinite(f1), rho, -jnp.inf)
+  return rho, accept
+
+
+def adapt_damping(damping, rho, accepted, factor, floor):
+  """Levenberg-Marquardt rule: rho < 1/4 grows the damping, rho > 3/4 shrinks it.
+
+  A rejected step (the loss rose) grows it by ``factor**3``: the step was far
+  outside the region where the quadratic model holds, and every rejection
+  costs a whole update.
+  """
+  cap = jnp.sqrt(jnp.finfo(jnp.result_type(damping)).max)
+  grow = jnp.where(accepted, factor, factor ** 3)
+  up = jnp.minimum(jnp.maximum(damping * grow, floor), cap)
+  return jnp.where(rho < 0.25, up, jnp.where(rho > 0.75, damping / factor, damping))
+
+
+def damped_cholesky(h, damping, max_tries=40):
+  r"""Cholesky factor of ``h + lam I``, growing ``lam`` from ``damping`` until PD.
+
+  Nocedal & Wright (2006), Alg. 3.3: on failure ``lam <- max(10 lam, floor,
+  -min_i h_ii + floor)`` with ``floor = 1e-6 mean|h_ii|``. A failed
+  factorization shows up as NaN entries (jax's ``cholesky`` does not raise).
+
+  Returns:
+    ``(chol, lam, ok, floor)``; ``ok`` is False after ``max_tries`` failures
+    (a non-finite ``h``).
+  """
+  eye = jnp.eye(h.shape[0], dtype=h.dtype)
+  diag = jnp.diagonal(h)
+  scale = jnp.mean(jnp.abs(diag))
+  floor = 1e-6 * jnp.where(scale > 0, scale, 1.0)
+
+  def factor(lam):
+    chol = jnp.linalg.cholesky(h + lam * eye)
+    return chol, jnp.all(jnp.isfinite(chol))
+
+  def cond(c):
+    return ~c[2] & (c[3] < max_tries)
+
+  def body(c):
+    lam = jnp.maximum(jnp.maximum(10.0 * c[1], floor), floor - jnp.min(diag))
+    chol, ok = factor(lam)
+    return chol, lam, ok, c[3] + 1
+
+  chol0, ok0 = factor(damping)
+  chol, lam, ok, _ = lax.while_loop(cond, body, (chol0, damping, ok0, 0))
+  return chol, lam, ok, floor
+
+
+# --- trace-time checks of the optimizers' arguments -----------------------------
+
+def check_count(fn: str, name: str, value) -> int:
+  """``value`` as an int >= 1 (an integral float is accepted, 2.5 is not)."""
+  ok = (not isinstance(value, (bool, np.bool_))
+        and isinstance(value, (int, np.integer, float, np.floating))
+        and float(value).is_integer() and value >= 1)
+  if not ok:
+    raise ValueError(f"{fn}: {name} must be an integer >= 1, got {value!r}.")
+  return int(value)
+
+
+def check_params(fn: str, params) -> None:
+  """Params must be a pytree of floating arrays; names every other leaf by path."""
+  _checks.check_float_leaves(fn, params)
+
+
+def check_scalar_objective(fn: str, objective, params, inputs, targets) -> None:
+  """Raise ``ValueError`` unless ``objective(params, inputs, targets)`` is a scalar.
+
+  Uses ``jax.eval_shape`` (no FLOPs), so a per-example loss vector is reported
+  at trace time with its shape instead of failing later inside a product.
+  """
+  out = jax.eval_shape(objective, params, inputs, targets)
+  shape = getattr(out, "shape", None)
+  if shape != ():
+    got = (f"shape {tuple(shape)}" if shape is not None
+           else f"a {type(out).__name__} {jax.tree_util.tree_structure(out)}")
+    raise ValueError(
+        f"{fn}: objective must return a scalar (the summed loss), but "
+        f"objective(params, inputs, targets) returned {got}. Sum (or mean) the "
+        "per-example losses inside the objective.")
+
+
+def check_dense(fn: str, params, max_bytes) -> None:
+  """Refuse a dense ``P x P`` matrix of ``params`` above ``max_bytes`` (see dense.py)."""
+  leaves = jax.tree_util.tree_leaves(params)
+  size = sum(int(np.prod(jnp.shape(x))) for x in leaves)
+  dtype = jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+  check_dense_bytes(fn, size, dtype, max_bytes)
+
+
+def check_update(fn: str, objective, grads, params, extra_args):
+  """The checks every ``update`` makes at trace time; returns ``(inputs, targets)``.
+
+  Params must be given and floating, ``grads`` shaped like them, the batch a
+  pair, and the objective scalar on it.
+  """
+  inputs, targets = get_batch(fn, params, extra_args)
+  check_params(fn, params)
+  _checks.check_tree_like(fn, "grads", grads, params)
+  check_scalar_objective(fn, objective, params, inputs, targets)
+  return inputs, targets
