@@ -55,3 +55,24 @@ def fit(nlp, params, x, t, steps=80):
       return (jax.tree_util.tree_map(jnp.add, p, u), s), None
     return jax.lax.scan(body, (p, tx.init(p)), None, length=steps)[0][0]
   return run(params)
+
+
+def ill_conditioned_regression():
+  """The matrix-free reproduction of issue 10 (cond(A) = 1.3e4): ``(nlp, w, X, t)``."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(200, 40)) * np.logspace(0, 2, 40))
+  t = x @ jnp.asarray(rng.normal(size=40)) * 0.01 + 0.1 * jnp.asarray(rng.normal(size=200))
+  nlp = mm.negative_log_posterior(
+      linear, functools.partial(mm.gaussian_log_likelihood, sigma=0.1),
+      functools.partial(mm.gaussian_log_prior, sigma=1.0))
+  w = jnp.linalg.solve(x.T @ x / 0.01 + jnp.eye(40), x.T @ t / 0.01)
+  return nlp, w, x, t
+
+
+def custom_prior_ignoring_b(p):
+  """A proper-looking custom prior that silently leaves ``p['b']`` unpenalized."""
+  return mm.gaussian_log_prior(p["w"], sigma=1.0)
+
+
+def dict_linear(p, x):
+  return x @ p["w"] + p["b"]

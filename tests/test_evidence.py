@@ -211,3 +211,62 @@ def test_outer_iterations_do_not_retrace(diabetes):
     assert info.num_iterations == iterations
     counts.append(len(calls))
   assert counts[0] == counts[1]  # make_nlp runs at trace time only, not per iteration
+
+
+# --- issue 10: key names, improper priors, max_bytes ---------------------------------
+
+def _make_precision_nlp(hyper):
+  return mm.negative_log_posterior(
+      lambda w, x: x @ w, functools.partial(mm.gaussian_log_likelihood, sigma=1.0),
+      functools.partial(mm.gaussian_log_prior, sigma=hyper["prior_precision"] ** -0.5))
+
+
+def test_unknown_prior_or_noise_key_raises_listing_the_keys(diabetes):
+  x, y, _ = diabetes
+  w0 = jnp.zeros(10)
+  # The issue's call: "prior_precision" would silently have been ascended by Adam.
+  with pytest.raises(ValueError, match=r"prior_key='prior_sigma' is not a key of hyper "
+                                       r"\(keys \['prior_precision'\]\).*prior_key=None"):
+    mm.maximize_evidence(_make_precision_nlp, {"prior_precision": 1.0}, w0, x, y)
+  with pytest.raises(ValueError, match=r"noise_key='sigma' is not a key of hyper .*"
+                                       r"\['noise'\] would silently be optimized"):
+    mm.maximize_evidence(
+        lambda h: _make_linear_nlp({"sigma": h["noise"], "prior_sigma": h["prior_sigma"]}),
+        {"noise": 1.0, "prior_sigma": 1.0}, w0, x, y)
+  # Opting in explicitly runs gradient ascent; a prior-only hyper needs no noise key.
+  _, _, info = mm.maximize_evidence(_make_precision_nlp, {"prior_precision": 1.0}, w0,
+                                    x, y, prior_key=None, num_iterations=2, fit_steps=1,
+                                    map_tol=None)
+  assert info.num_iterations == 2
+  hyper, _, _ = mm.maximize_evidence(
+      lambda h: _make_linear_nlp({"sigma": 1.0, **h}), {"prior_sigma": 1.0}, w0, x, y,
+      num_iterations=2, fit_steps=1, map_tol=None)
+  assert float(hyper["prior_sigma"]) != 1.0
+
+
+def test_improper_priors_and_max_bytes_are_refused(diabetes):
+  x, y, _ = diabetes
+  w0 = {"a": jnp.zeros(5), "b": jnp.zeros(5)}
+
+  def make_nlp(h):
+    return mm.negative_log_posterior(
+        lambda p, x: x[:, :5] @ p["a"] + x[:, 5:] @ p["b"],
+        functools.partial(mm.gaussian_log_likelihood, sigma=h["sigma"]),
+        functools.partial(mm.gaussian_log_prior, sigma=h["prior_sigma"]))
+  hyper = {"sigma": 1.0, "prior_sigma": {"a": 1.0, "b": None}}
+  with pytest.raises(ValueError, match=r"maximize_evidence: .*unpenalized \('b'\).*proper"):
+    mm.maximize_evidence(make_nlp, hyper, w0, x, y)
+  with pytest.raises(ValueError, match=r"log_evidence_grad: .*unpenalized \('b'\)"):
+    mm.log_evidence_grad(make_nlp, hyper, w0, x, y)
+  flat = lambda h: mm.negative_log_posterior(  # noqa: E731
+      lambda w, x: x @ w, functools.partial(mm.gaussian_log_likelihood, sigma=h["sigma"]))
+  with pytest.raises(ValueError, match=r"nlp.log_prior is None.*needs a proper prior"):
+    mm.maximize_evidence(flat, {"sigma": 1.0}, jnp.zeros(10), x, y, prior_key=None)
+  h = {"sigma": 1.0, "prior_sigma": 1.0}
+  for call, name in ((mm.maximize_evidence, "maximize_evidence"),
+                     (mm.log_evidence_grad, "log_evidence_grad")):
+    with pytest.raises(ValueError, match=rf"^{name}: the dense \(10, 10\).*max_bytes= to {name}"):
+      call(_make_linear_nlp, h, jnp.zeros(10), x, y, max_bytes=799)
+  with pytest.raises(TypeError, match=r"maximize_evidence: params .*'n' \(int"):
+    mm.maximize_evidence(lambda h: _make_linear_nlp(h), h, {"w": jnp.zeros(10),
+                                                            "n": jnp.asarray(1)}, x, y)

@@ -110,3 +110,86 @@ def test_far_from_a_map_warns_and_bad_arguments_raise(blr):
   post = mm.laplace(nlp, jnp.asarray(w), x, y)
   with pytest.raises(ValueError, match="likelihood must be"):
     post.predictive(x, likelihood="poisson")
+
+
+# --- issue 10: improper priors, max_bytes, warning prefix, SLQ CG status ------------
+
+def _dict_problem(log_prior):
+  from _laplace_refs import dict_linear
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(30, 3))
+  y = x @ np.array([1.0, -2.0, 0.5]) + 0.3 + 0.2 * rng.normal(size=30)
+  nlp = mm.negative_log_posterior(
+      dict_linear, functools.partial(mm.gaussian_log_likelihood, sigma=0.2), log_prior)
+  return nlp, {"w": jnp.zeros(3), "b": jnp.zeros(())}, x, y
+
+
+@pytest.mark.parametrize("log_prior, what, paths", [
+    (None, "nlp.log_prior is None", "'b', 'w'"),
+    (mm.flat_log_prior, "mm.flat_log_prior", "'b', 'w'"),
+    (functools.partial(mm.gaussian_log_prior, sigma={"w": 1.0, "b": None}),
+     "sigma tree", "'b'"),
+    (functools.partial(mm.laplace_log_prior, scale={"w": None, "b": 2.0}),
+     "scale tree", "'w'"),
+])
+def test_improper_prior_is_refused_naming_the_leaves(log_prior, what, paths):
+  nlp, p, x, y = _dict_problem(log_prior)
+  for call in (lambda: mm.log_evidence(nlp, p, x, y),
+               lambda: jax.jit(lambda p: mm.log_evidence(nlp, p, x, y))(p),
+               lambda: mm.log_evidence(nlp, p, x, y, method="slq", key=jax.random.PRNGKey(0))):
+    with pytest.raises(ValueError, match=rf"{what}.*unpenalized \({paths}\).*needs a proper prior"):
+      call()
+
+
+def test_custom_prior_flat_in_a_leaf_raises_eager_and_is_nan_under_jit():
+  from _laplace_refs import custom_prior_ignoring_b
+  nlp, p, x, y = _dict_problem(custom_prior_ignoring_b)
+  p = {"w": jnp.asarray([1.0, -2.0, 0.5]), "b": jnp.asarray(0.3)}
+  with pytest.raises(ValueError, match=r"unpenalized \('b'\).*proper prior"):
+    mm.log_evidence(nlp, p, x, y, map_tol=None)
+  value = jax.jit(lambda p: mm.log_evidence(nlp, p, x, y, map_tol=None))(p)
+  assert np.isnan(float(value))
+  # The same custom prior made proper on every leaf: finite, equal to the built-in.
+  proper = mm.negative_log_posterior(nlp.apply_fn, nlp.log_likelihood,
+                                     lambda q: mm.gaussian_log_prior(q, sigma=1.0))
+  builtin = mm.negative_log_posterior(nlp.apply_fn, nlp.log_likelihood,
+                                      functools.partial(mm.gaussian_log_prior, sigma=1.0))
+  got = jax.jit(lambda p: mm.log_evidence(proper, p, x, y, map_tol=None))(p)
+  np.testing.assert_allclose(got, mm.log_evidence(builtin, p, x, y, map_tol=None),
+                             rtol=1e-12)
+
+
+def test_max_bytes_and_non_float_leaves_are_refused(blr):
+  x, y, w, _ = blr
+  nlp = _blr_nlp()
+  with pytest.raises(ValueError, match=r"log_evidence: the dense \(5, 5\) float64 matrix.*"
+                                       r"max_bytes= to log_evidence"):
+    mm.log_evidence(nlp, jnp.asarray(w), x, y, max_bytes=100)
+  assert np.isfinite(float(mm.log_evidence(nlp, jnp.asarray(w), x, y, max_bytes=200)))
+  nlp_d = mm.negative_log_posterior(
+      lambda p, x: x @ p["w"], nlp.log_likelihood,
+      functools.partial(mm.gaussian_log_prior, sigma={"w": 1.0, "step": None}))
+  with pytest.raises(TypeError, match=r"log_evidence: params .*'step' \(int"):
+    mm.log_evidence(nlp_d, {"w": jnp.asarray(w), "step": jnp.asarray(3)}, x, y)
+
+
+def test_slq_warnings_start_with_log_evidence_and_cg_status_is_reported(blr):
+  x, y, w, _ = blr
+  nlp, key = _blr_nlp(), jax.random.PRNGKey(0)
+  with pytest.warns(UserWarning, match=r"^log_evidence: params are far from a MAP"):
+    mm.log_evidence(nlp, jnp.asarray(w) + 0.5, x, y, method="slq", key=key)
+  _, info = mm.log_evidence(nlp, jnp.asarray(w) + 0.5, x, y, method="slq", key=key,
+                            map_tol=None, return_info=True)
+  assert int(info.cg_status) == mm.CGStatus.CONVERGED
+  # One Lanczos step caps the CG at 4 iterations: not enough for P = 5.
+  with pytest.warns(UserWarning, match=r"^log_evidence: the conjugate-gradient solve .*"
+                                       r"'max_iterations'"):
+    _, info = mm.log_evidence(nlp, jnp.asarray(w) + 0.5, x, y, method="slq", key=key,
+                              num_steps=1, map_tol=None, return_info=True)
+  assert int(info.cg_status) == mm.CGStatus.MAX_ITERATIONS
+  _, info = jax.jit(lambda w: mm.log_evidence(nlp, w, x, y, method="slq", key=key,
+                                              num_steps=1, map_tol=None,
+                                              return_info=True))(jnp.asarray(w) + 0.5)
+  assert int(info.cg_status) == mm.CGStatus.MAX_ITERATIONS
+  _, dinfo = mm.log_evidence(nlp, jnp.asarray(w), x, y, return_info=True)
+  assert int(dinfo.cg_status) == mm.CGStatus.CONVERGED

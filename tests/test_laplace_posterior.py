@@ -114,3 +114,82 @@ def test_probit_predictive_for_bernoulli_and_categorical(key):
     if k == 1:
       np.testing.assert_allclose(probs, mc, atol=0.03)
     np.testing.assert_allclose(np.diagonal(full, axis1=1, axis2=2), var, rtol=1e-8)
+
+
+# --- issue 10: matrix-free accuracy and non-convergence, improper priors, max_bytes --
+
+def test_matrix_free_glm_variances_match_dense_on_an_ill_conditioned_model():
+  from _laplace_refs import ill_conditioned_regression
+  nlp, w, x, t = ill_conditioned_regression()
+  dense = mm.laplace(nlp, w, x, t).glm_moments(x[:5])[1]
+  # Independent reference: x A^{-1} x^T with A in closed form, np.linalg.solve.
+  a = np.asarray(x).T @ np.asarray(x) / 0.01 + np.eye(40)
+  ref = np.einsum("bi,ib->b", np.asarray(x[:5]), np.linalg.solve(a, np.asarray(x[:5]).T))
+  np.testing.assert_allclose(dense, ref, rtol=1e-9)
+  for precond in ("ggn_diagonal", None):
+    post = mm.laplace(nlp, w, x, t, method="matvec", cg_tol=1e-10, cg_preconditioner=precond)
+    _, var, info = jax.jit(lambda p: p.glm_moments(x[:5], return_info=True))(post)
+    np.testing.assert_allclose(var, dense, rtol=1e-6)
+    assert bool(jnp.all(info.converged)) and info.status.shape == (5,)
+    if precond is not None:  # the exact GGN diagonal
+      np.testing.assert_allclose(post.cg_diagonal, np.diag(a), rtol=1e-12)
+
+
+def test_matrix_free_non_convergence_warns_eager_and_is_flagged_under_jit():
+  from _laplace_refs import ill_conditioned_regression
+  nlp, w, x, t = ill_conditioned_regression()
+  with pytest.warns(UserWarning, match=r"^laplace: the conjugate-gradient solve"):
+    post = mm.laplace(nlp, w + 0.01, x, t, method="matvec", cg_maxiter=3,
+                      cg_preconditioner=None, map_tol=None)
+  assert int(post.cg_info.status) == mm.CGStatus.MAX_ITERATIONS
+  with pytest.warns(UserWarning, match=r"^LaplacePosterior.glm_moments: 5 of 5 conjugate"):
+    post.glm_moments(x[:5])
+  with pytest.warns(UserWarning, match=r"^LaplacePosterior.predictive: 5 of 5"):
+    post.predictive(x[:5])
+  mean, var, info = jax.jit(lambda p: p.predictive(x[:5], return_info=True))(post)
+  assert np.all(np.asarray(info.status) == mm.CGStatus.MAX_ITERATIONS)
+  assert not np.any(np.asarray(info.converged))
+  assert mean.shape == var.shape == (5,)
+  dense = mm.laplace(nlp, w, x, t)
+  assert dense.predictive(x[:5], return_info=True)[2] is None
+  with pytest.raises(ValueError, match="cg_maxiter must be an integer >= 1"):
+    mm.laplace(nlp, w, x, t, method="matvec", cg_maxiter=0)
+  with pytest.raises(ValueError, match="cg_preconditioner must be one of"):
+    mm.laplace(nlp, w, x, t, method="matvec", cg_preconditioner="jacobi")
+
+
+def test_laplace_allows_an_improper_prior_only_where_the_curvature_is_pd(blr):
+  x, y, _, _ = blr
+  flat = mm.negative_log_posterior(
+      _blr_nlp().apply_fn, _blr_nlp().log_likelihood, None)
+  a = x.T @ x / SIGMA**2  # full rank: the ML posterior exists
+  w_ml = jnp.asarray(np.linalg.solve(a, x.T @ y / SIGMA**2))
+  for method in ("dense", "matvec"):
+    post = mm.laplace(flat, w_ml, x, y, method=method)
+    assert bool(post.positive_definite)
+    np.testing.assert_allclose(post.glm_moments(x[:3])[1],
+                               np.einsum("bi,ib->b", x[:3], np.linalg.solve(a, x[:3].T)),
+                               rtol=1e-7)
+  # A parameter no datum touches: the flat-prior curvature is singular.
+  x0 = np.concatenate([x, np.zeros((len(y), 1))], axis=1)
+  w0 = jnp.concatenate([w_ml, jnp.zeros(1)])
+  for method in ("dense", "matvec"):
+    with pytest.raises(ValueError, match=r"not \(numerically\) positive definite"):
+      mm.laplace(flat, w0, x0, y, method=method)
+    post = jax.jit(lambda w: mm.laplace(flat, w, x0, y, method=method))(w0)
+    assert not bool(post.positive_definite)
+  # The evidence of the same flat prior is refused outright.
+  with pytest.raises(ValueError, match="needs a proper prior"):
+    mm.log_evidence(flat, w_ml, x, y)
+
+
+def test_laplace_max_bytes_and_non_float_leaves(blr):
+  x, y, w, _ = blr
+  with pytest.raises(ValueError, match=r"^laplace: the dense \(5, 5\).*max_bytes= to laplace"):
+    mm.laplace(_blr_nlp(), jnp.asarray(w), x, y, max_bytes=100)
+  # The matrix-free posterior builds nothing dense: max_bytes does not apply.
+  mm.laplace(_blr_nlp(), jnp.asarray(w), x, y, method="matvec", max_bytes=100)
+  nlp = mm.negative_log_posterior(lambda p, x: x @ p["w"], _blr_nlp().log_likelihood,
+                                  functools.partial(mm.gaussian_log_prior, sigma=1.0))
+  with pytest.raises(TypeError, match=r"laplace: params .*'mask' \(bool"):
+    mm.laplace(nlp, {"w": jnp.asarray(w), "mask": jnp.ones(2, bool)}, x, y)

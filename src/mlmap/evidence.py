@@ -22,7 +22,8 @@ from jax.flatten_util import ravel_pytree
 from mlmap import _checks
 from mlmap import dense as _dense
 # ``mlmap.laplace`` is also the name of a function in the package namespace.
-from mlmap.laplace import check_curvature, dense_parts
+from mlmap.laplace import (_improper_error, _none_scale_paths, check_curvature,
+                           check_params, check_proper_prior, dense_parts)
 from mlmap import optimizers as _optimizers
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -111,27 +112,52 @@ def _check_hyper(fn, hyper, prior_key, noise_key):
                      f"for the fixed-point update, got shape {jnp.shape(hyper[noise_key])}.")
 
 
+def _check_keys(fn, hyper, prior_key, noise_key):
+  """``(prior_key, noise_key)`` after refusing names that would silently change
+  which entries get the fixed point and which gradient ascent."""
+  keys = sorted(hyper)
+  if prior_key is not None and prior_key not in hyper:
+    raise ValueError(
+        f"{fn}: prior_key={prior_key!r} is not a key of hyper (keys {keys}). prior_key "
+        "names the entry holding the Gaussian prior standard deviation(s) sigma_0 "
+        "(MacKay's fixed point); pass prior_key=<that key>, or prior_key=None to "
+        "optimize every entry by gradient ascent.")
+  if noise_key is not None and noise_key not in hyper:
+    # prior_key=None already opted into gradient ascent for everything else.
+    others = [k for k in keys if k != prior_key]
+    if prior_key is not None and others:
+      raise ValueError(
+          f"{fn}: noise_key={noise_key!r} is not a key of hyper (keys {keys}), so "
+          f"{others} would silently be optimized by gradient ascent. noise_key names "
+          "the Gaussian noise standard deviation; pass noise_key=<that key>, or "
+          "noise_key=None to optimize the other entries by gradient ascent.")
+    noise_key = None
+  return prior_key, noise_key
+
+
 def _tree_log(tree):
   return jax.tree_util.tree_map(lambda x: jnp.log(jnp.asarray(x, float)), tree)
 
 
-def _log_ev(log_other, make_nlp, h, p, inputs, targets, curvature):
+def _log_ev(log_other, make_nlp, h, p, inputs, targets, curvature, max_bytes):
   """Log evidence at fixed ``p`` as a function of the log of some hyperparameters."""
   h = {**h, **jax.tree_util.tree_map(jnp.exp, log_other)}
-  log_joint, _, chol, ok, g = dense_parts(make_nlp(h), p, inputs, targets, curvature)
+  log_joint, _, chol, ok, g = dense_parts(make_nlp(h), p, inputs, targets, curvature,
+                                          max_bytes)
   value = log_joint + 0.5 * chol.shape[0] * _LOG_2PI - jnp.sum(jnp.log(jnp.diagonal(chol)))
   return jnp.where(ok, value, 0.0), (value, chol, ok, g)
 
 
-def _add_implicit_term(grads, make_nlp, log_other, h, p, inputs, targets, curvature):
+def _add_implicit_term(grads, make_nlp, log_other, h, p, inputs, targets, curvature,
+                       max_bytes):
   """Add ``(dL/dw)^T dw*/dh`` with ``dw*/dh = -H^{-1} d(grad_w nlp)/dh``.
 
   The implicit function theorem at ``grad_w nlp(w*, h) = 0`` with ``H`` the
   dense exact Hessian of the nlp.
   """
   grad_w = jax.grad(lambda q: _log_ev(log_other, make_nlp, h, q, inputs, targets,
-                                      curvature)[0])(p)
-  hess = _dense.hessian_matrix(make_nlp(h), p, inputs, targets)
+                                      curvature, max_bytes)[0])(p)
+  hess = _dense.hessian_matrix(make_nlp(h), p, inputs, targets, max_bytes=max_bytes)
   v = jnp.linalg.solve(0.5 * (hess + hess.T), ravel_pytree(grad_w)[0])
 
   def coupling(lo):
@@ -141,7 +167,8 @@ def _add_implicit_term(grads, make_nlp, log_other, h, p, inputs, targets, curvat
 
 
 def log_evidence_grad(make_nlp: Callable, hyper: dict, params, inputs, targets,
-                      curvature="ggn", *, total_derivative=True):
+                      curvature="ggn", *, total_derivative=True,
+                      max_bytes=_dense.DEFAULT_MAX_BYTES):
   r"""Log evidence at a MAP and its gradient with respect to ``log hyper``.
 
   .. math::
@@ -164,19 +191,30 @@ def log_evidence_grad(make_nlp: Callable, hyper: dict, params, inputs, targets,
     targets: the targets.
     curvature: ``"ggn"`` or ``"hessian"``.
     total_derivative: include the MAP's dependence on ``hyper``.
+    max_bytes: refuse (``ValueError`` naming ``log_evidence_grad``) a dense
+      ``(P, P)`` matrix above this many bytes.
 
   Returns:
     ``(log_evidence, grads)`` with ``grads`` shaped like ``hyper``.
+
+  Raises:
+    ValueError: an improper prior for ``make_nlp(hyper)`` (as in
+      :func:`mlmap.log_evidence`), a hyperparameter <= 0, or a dense matrix
+      above ``max_bytes``.
+    TypeError: ``hyper`` not a dict, or non-floating ``params`` leaves.
   """
   fn = "log_evidence_grad"
   _check_hyper(fn, hyper, None, None)
-  check_curvature(fn, make_nlp(hyper), curvature)
+  nlp = make_nlp(hyper)
+  check_curvature(fn, nlp, curvature)
+  check_params(fn, params, max_bytes)
+  check_proper_prior(fn, nlp, params)
   log_h = {k: _tree_log(v) for k, v in hyper.items()}
   (_, (value, _, ok, _)), grads = jax.value_and_grad(_log_ev, has_aux=True)(
-      log_h, make_nlp, hyper, params, inputs, targets, curvature)
+      log_h, make_nlp, hyper, params, inputs, targets, curvature, max_bytes)
   if total_derivative:
     grads = _add_implicit_term(grads, make_nlp, log_h, hyper, params, inputs, targets,
-                               curvature)
+                               curvature, max_bytes)
   return jnp.where(ok, value, -jnp.inf), grads
 
 
@@ -185,7 +223,7 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
                       noise_key: Optional[str] = "sigma", num_iterations=100,
                       fit_steps=10, make_optimizer: Optional[Callable] = None,
                       learning_rate=0.05, tol=1e-8, map_tol=1e-2,
-                      total_derivative=False):
+                      total_derivative=False, max_bytes=_dense.DEFAULT_MAX_BYTES):
   r"""Maximize the Laplace log evidence over hyperparameters, refitting the MAP.
 
   Each outer iteration refits ``params`` to the MAP of ``make_nlp(hyper)``
@@ -198,9 +236,11 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
     \sigma^2 \leftarrow \frac{\mathrm{SSE}}{N - \gamma},\qquad
     \gamma = P - \sum_g \alpha_g \operatorname{tr}_g(A^{-1})
 
-  for the Gaussian prior precisions ``alpha_g = 1 / sigma_{0,g}^2`` in
-  ``hyper[prior_key]`` (a scalar or a pytree prefix of ``params``, every scalar
-  entry one group ``g`` of ``n_g`` parameters; ``None`` leaves are unpenalized)
+  for the Gaussian prior precisions ``alpha_g = 1 / sigma_{0,g}^2``, where
+  ``hyper[prior_key]`` holds the prior *standard deviations* ``sigma_{0,g}``
+  (not precisions or variances: a scalar or a pytree prefix of ``params``,
+  every scalar entry one group ``g`` of ``n_g`` parameters; no ``None`` leaves,
+  the evidence needs a proper prior on every parameter)
   and the Gaussian noise scale ``hyper[noise_key]`` (MacKay 1992; with one
   group ``gamma = sum_i lambda_i / (lambda_i + alpha)`` over the eigenvalues
   ``lambda_i`` of the data curvature). These are the stationarity conditions of
@@ -212,7 +252,15 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
   ``make_nlp`` must use ``hyper[prior_key]`` as the ``sigma`` of
   :func:`mlmap.gaussian_log_prior` and ``hyper[noise_key]`` as the ``sigma`` of
   :func:`mlmap.gaussian_log_likelihood`; pass ``prior_key=None`` /
-  ``noise_key=None`` to have them updated by gradient ascent instead. The
+  ``noise_key=None`` to have them updated by gradient ascent instead. A
+  ``prior_key`` that is not a key of ``hyper`` raises ``ValueError`` (it would
+  silently switch that entry to gradient ascent); ``prior_key=None`` opts
+  every entry into gradient ascent. With a ``prior_key``, an absent
+  ``noise_key`` raises too when ``hyper`` has other entries (they would
+  silently be ascended); with ``hyper = {prior_key: ...}`` alone (e.g.
+  classification) it just means there is no noise scale. The prior must be proper
+  (as for :func:`mlmap.log_evidence`): a flat prior or ``None`` scale leaves
+  raise ``ValueError`` naming the unpenalized leaves. The
   fixed point ignores how the MAP moves with the hyperparameters (the classic
   evidence framework; exact for linear-Gaussian models). For networks that
   can stop far from the evidence maximum along the MAP path: then ascend the
@@ -231,8 +279,10 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
     inputs: full data-set inputs (or a minibatch with ``num_data = N``).
     targets: the targets.
     curvature: ``"ggn"`` or ``"hessian"`` for ``A``.
-    prior_key: key of the Gaussian prior scales, or ``None``.
-    noise_key: key of the Gaussian noise scale, or ``None``.
+    prior_key: key of ``hyper`` holding the Gaussian prior standard
+      deviation(s) ``sigma_0`` (fixed-point updated), or ``None`` (gradient
+      ascent for it too).
+    noise_key: key of the Gaussian noise standard deviation, or ``None``.
     num_iterations: maximum outer iterations.
     fit_steps: optimizer steps per refit (the optimizer state carries over
       from one refit to the next).
@@ -248,16 +298,20 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
       of an iteration). Zero extra term for linear-Gaussian models; for
       networks the fixed-``w`` stationary point can be far from the
       evidence maximum along the MAP path (``docs/laplace.md``).
+    max_bytes: refuse (``ValueError`` naming ``maximize_evidence``) a dense
+      ``(P, P)`` curvature above this many bytes.
 
   Returns:
     ``(hyper, params, info)``: the hyperparameters (same structure), the MAP
     for them, and an :class:`EvidenceHistory`.
 
   Raises:
-    TypeError: ``hyper`` is not a dict.
+    TypeError: ``hyper`` is not a dict, or non-floating ``params`` leaves.
     ValueError: a concrete hyperparameter <= 0, a non-scalar noise scale, a
-      prior-scale tree that is not a prefix of ``params``, or a curvature that
-      is not positive definite at the first refit.
+      ``prior_key``/``noise_key`` missing from ``hyper`` (see above), an
+      improper prior, a prior-scale tree that is not a prefix of ``params``, a
+      dense curvature above ``max_bytes``, or a curvature that is not positive
+      definite at the first refit.
 
   References:
     MacKay, "Bayesian interpolation", Neural Computation 1992.
@@ -270,10 +324,11 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
   """
   fn = "maximize_evidence"
   _check_hyper(fn, hyper, prior_key, noise_key)
-  prior_key = prior_key if prior_key in hyper else None
-  noise_key = noise_key if noise_key in hyper else None
+  prior_key, noise_key = _check_keys(fn, hyper, prior_key, noise_key)
   nlp0 = make_nlp(hyper)
   check_curvature(fn, nlp0, curvature)
+  check_params(fn, params, max_bytes)
+  check_proper_prior(fn, nlp0, params)
   if noise_key is not None and not hasattr(nlp0, "apply_fn"):
     raise TypeError(f"{fn}: the noise update needs an mlmap.NegativeLogPosterior, "
                     f"got {type(nlp0).__name__}.")
@@ -281,6 +336,9 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
     if not isinstance(value, int) or value < (1 if name == "num_iterations" else 0):
       raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}.")
   if prior_key is not None:
+    unpenalized = _none_scale_paths(fn, hyper[prior_key], params)
+    if unpenalized:
+      raise _improper_error(fn, f"hyper[{prior_key!r}] (None leaves)", unpenalized)
     ids, num_groups = _prior_groups(fn, hyper[prior_key], params)
     ids_j = jnp.asarray(ids)
     counts = jnp.asarray(np.bincount(ids[ids >= 0], minlength=num_groups), float)
@@ -306,11 +364,11 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
     p = jax.lax.stop_gradient(p)
     log_other = {k: _tree_log(h[k]) for k in grad_keys}
     (_, (value, chol, ok, g)), grads = jax.value_and_grad(_log_ev, has_aux=True)(
-        log_other, make_nlp, h, p, inputs, targets, curvature)
+        log_other, make_nlp, h, p, inputs, targets, curvature, max_bytes)
     nlp = make_nlp(h)
     if grad_keys and total_derivative:
       grads = _add_implicit_term(grads, make_nlp, log_other, h, p, inputs, targets,
-                                 curvature)
+                                 curvature, max_bytes)
     # Traced hyperparameters cannot raise: a non-positive one (or a non-finite
     # evidence) only flags the iteration and leaves every value unchanged.
     positive = jnp.all(jnp.asarray([jnp.all(x > 0) for x in jax.tree_util.tree_leaves(h)]))
@@ -322,7 +380,7 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs, targets, 
     new, valid = dict(h), ok
     num_params = chol.shape[0]
     # gamma = tr(A^{-1} H_data) = P - tr(A^{-1} H_prior), for any prior.
-    h_prior = _dense.hessian_matrix(nlp.prior_term, p)
+    h_prior = _dense.hessian_matrix(nlp.prior_term, p, max_bytes=max_bytes)
     gamma = num_params - jnp.sum((linv @ h_prior) * linv)
     if prior_key is not None:
       leaves, treedef = jax.tree_util.tree_flatten(h[prior_key])

@@ -13,13 +13,20 @@ The evidence is that of the data the ``nlp`` is given: ``inputs`` and
 ``nlp.num_data = N`` every likelihood term (and the data curvature) is scaled
 by ``N / B``, which is the evidence of a data set made of ``N / B`` copies of
 the batch: an estimate of the full-data value, not the value.
+
+The evidence needs a proper prior on every parameter: a flat prior or ``None``
+leaves in the prior's scale tree raise ``ValueError`` naming the unpenalized
+leaves (:func:`check_proper_prior`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +36,7 @@ from mlmap import _checks
 from mlmap import curvature as _curv
 from mlmap import dense as _dense
 from mlmap import linalg as _linalg
+from mlmap import priors as _priors
 from mlmap import spectral as _spectral
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -49,6 +57,10 @@ class EvidenceInfo(NamedTuple):
     newton_decrement: ``g^T A^{-1} g / 2``, the decrease of ``nlp`` one
       Newton step would give: how many nats ``params`` are from the MAP of the
       local quadratic model (0 at a MAP).
+    cg_status: int32 :class:`mlmap.CGStatus` code of the conjugate-gradient
+      solve ``A^{-1} g`` behind ``newton_decrement`` (``method="slq"`` and the
+      matrix-free :func:`mlmap.laplace`); ``CGStatus.CONVERGED`` (0) for the
+      dense Cholesky path. Anything else means ``newton_decrement`` is inexact.
   """
   log_joint: Any
   logdet: Any
@@ -56,6 +68,7 @@ class EvidenceInfo(NamedTuple):
   positive_definite: Any
   grad_norm: Any
   newton_decrement: Any
+  cg_status: Any = 0
 
 
 def check_curvature(fn: str, nlp, curvature: str, method: str = "dense") -> None:
@@ -70,11 +83,140 @@ def check_curvature(fn: str, nlp, curvature: str, method: str = "dense") -> None
     _curv._check_nlp(fn, nlp)
 
 
-def curvature_matrix(nlp, params, inputs, targets, curvature="ggn"):
+def check_params(fn: str, params, max_bytes=None) -> None:
+  """Floating leaves only (``TypeError`` naming their paths) and, when
+  ``max_bytes`` is given, a dense ``(P, P)`` curvature that fits in it."""
+  _checks.check_float_leaves(fn, params)
+  if max_bytes is not None:
+    flat = ravel_pytree(params)[0]
+    _dense.check_dense_bytes(fn, flat.size, flat.dtype, max_bytes)
+
+
+def cg_status(info):
+  """int32 :class:`mlmap.CGStatus` code of a :class:`mlmap.CGInfo`."""
+  return jnp.asarray(info.status, jnp.int32)
+
+
+# --- proper priors ---------------------------------------------------------------
+
+_SCALE_KEYWORD = {_priors.gaussian_log_prior: "sigma", _priors.laplace_log_prior: "scale"}
+
+
+def _builtin_prior(log_prior):
+  """``(func, keywords)`` of a (nested) ``functools.partial`` of a built-in prior,
+  or ``None`` for another callable (positional partial arguments included)."""
+  keywords, func = {}, log_prior
+  while isinstance(func, functools.partial):
+    if func.args:
+      return None
+    keywords = {**func.keywords, **keywords}
+    func = func.func
+  if func is _priors.flat_log_prior or func in _SCALE_KEYWORD:
+    return func, keywords
+  return None
+
+
+def _leaf_paths(tree, prefix=()):
+  return [_checks.leaf_path(prefix + tuple(path))
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _none_scale_paths(fn, scale, params):
+  """Paths of the ``params`` leaves under ``None`` leaves of a scale prefix tree."""
+  is_none = lambda x: x is None  # noqa: E731
+  if scale is None:
+    return _leaf_paths(params)
+  found = []
+
+  def visit(path, s, sub):
+    if s is None:
+      found.extend(_leaf_paths(sub, tuple(path)))
+  try:
+    jax.tree_util.tree_map_with_path(visit, scale, params, is_leaf=is_none)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{fn}: prior scale tree {jax.tree_util.tree_structure(scale, is_leaf=is_none)} "
+        f"is not a prefix of params tree {jax.tree_util.tree_structure(params)} ({e})."
+    ) from None
+  return found
+
+
+def _locally_flat_prior(nlp, params):
+  r"""``[P]`` bool: entries the prior does not depend on near ``params``.
+
+  An entry ``j`` is flagged when the prior's gradient ``g_j`` and one prior
+  Hessian-vector product ``(H z)_j`` with a fixed Gaussian probe ``z`` are both
+  exactly 0: ``(H z)_j = 0`` for a nonzero Hessian row has probability 0.
+  """
+  flat, unravel = ravel_pytree(params)
+  grad = jax.grad(lambda f: nlp.prior_term(unravel(f)))
+  z = jax.random.normal(jax.random.PRNGKey(0), flat.shape, flat.dtype)
+  g, hz = jax.jvp(grad, (flat,), (z,))
+  return (g == 0) & (hz == 0)
+
+
+def _improper_error(fn, what, paths):
+  shown = ", ".join(repr(p) for p in paths[:10]) + (" ..." if len(paths) > 10 else "")
+  return ValueError(
+      f"{fn}: {what} leaves {len(paths)} parameter leaves unpenalized ({shown}): the "
+      "Laplace evidence is not defined for an improper prior, it needs a proper prior "
+      "on every parameter (e.g. functools.partial(mm.gaussian_log_prior, sigma=...) "
+      "with no None leaf in the sigma tree).")
+
+
+def check_proper_prior(fn: str, nlp, params):
+  """Refuse an improper prior for an evidence; returns a traced "proper" flag.
+
+  * ``nlp.log_prior`` None or :func:`mlmap.flat_log_prior`: ``ValueError``.
+  * a ``functools.partial`` of :func:`mlmap.gaussian_log_prior` /
+    :func:`mlmap.laplace_log_prior` whose scale tree has ``None`` leaves:
+    ``ValueError`` naming the parameter paths under them (static: also under jit).
+  * any other prior: entries where the prior is locally flat
+    (:func:`_locally_flat_prior`, one prior gradient and HVP): ``ValueError``
+    naming their leaves when ``params`` are concrete; under ``jit`` the returned
+    flag is False instead (the caller makes its result NaN).
+
+  Returns:
+    ``True`` (a Python bool) when properness was established at trace time,
+    else a traced scalar bool.
+  """
+  log_prior = getattr(nlp, "log_prior", None)
+  if not hasattr(nlp, "apply_fn"):
+    return True  # a plain objective: its prior is not separable from it
+  if log_prior is None:
+    raise _improper_error(fn, "nlp.log_prior is None (a flat prior): it",
+                          _leaf_paths(params))
+  found = _builtin_prior(log_prior)
+  if found is not None:
+    func, keywords = found
+    if func is _priors.flat_log_prior:
+      raise _improper_error(fn, "mm.flat_log_prior", _leaf_paths(params))
+    name = _SCALE_KEYWORD[func]
+    paths = _none_scale_paths(fn, keywords.get(name, 1.0), params)
+    if paths:
+      raise _improper_error(fn, f"the prior's {name} tree (None leaves)", paths)
+    return True
+  flat_mask = _locally_flat_prior(nlp, params)
+  if _checks.is_concrete(flat_mask):
+    mask = np.asarray(flat_mask)
+    if mask.any():
+      unravel = ravel_pytree(params)[1]
+      marked = unravel(jnp.asarray(mask, ravel_pytree(params)[0].dtype))
+      paths = [_checks.leaf_path(p) for p, m in
+               jax.tree_util.tree_flatten_with_path(marked)[0] if np.any(np.asarray(m))]
+      raise _improper_error(
+          fn, f"the prior {log_prior!r} (its gradient and curvature vanish at params)",
+          paths)
+    return True
+  return ~jnp.any(flat_mask)
+
+
+def curvature_matrix(nlp, params, inputs, targets, curvature="ggn",
+                     max_bytes=_dense.DEFAULT_MAX_BYTES):
   """Dense ``(P, P)`` curvature ``A`` of ``nlp`` at ``params`` (ravel_pytree order)."""
   if curvature == "ggn":
-    return _dense.ggn_matrix(nlp, params, inputs, targets)
-  return _dense.hessian_matrix(nlp, params, inputs, targets)
+    return _dense.ggn_matrix(nlp, params, inputs, targets, max_bytes=max_bytes)
+  return _dense.hessian_matrix(nlp, params, inputs, targets, max_bytes=max_bytes)
 
 
 def curvature_vp_fn(nlp, params, inputs, targets, curvature="ggn"):
@@ -118,6 +260,12 @@ def _report(fn, curvature, ok, info, map_tol, a=None):
         f"{fn}: the {curvature} curvature at params is not (numerically) positive "
         f"definite{extra}: params are not a MAP, or directions are unidentified "
         f"(a flat prior on e.g. softmax biases leaves a null direction); {hint}.")
+  status = info.cg_status
+  if _concrete_all(status) and int(status) != _linalg.CGStatus.CONVERGED:
+    warnings.warn(
+        f"{fn}: the conjugate-gradient solve A^-1 g behind the Newton decrement stopped "
+        f"with status {_linalg.CGStatus.NAMES[int(status)]!r}: newton_decrement is "
+        "inexact (see EvidenceInfo.cg_status / LaplacePosterior.cg_info).", stacklevel=3)
   dec = info.newton_decrement
   if map_tol is not None and _concrete_all(dec) and float(dec) > map_tol:
     warnings.warn(
@@ -127,8 +275,8 @@ def _report(fn, curvature, ok, info, map_tol, a=None):
         stacklevel=3)
 
 
-def _dense_parts(nlp, params, inputs, targets, curvature):
-  a = curvature_matrix(nlp, params, inputs, targets, curvature)
+def _dense_parts(nlp, params, inputs, targets, curvature, max_bytes):
+  a = curvature_matrix(nlp, params, inputs, targets, curvature, max_bytes)
   chol, ok = safe_cholesky(a)
   value, grads = jax.value_and_grad(nlp)(params, inputs, targets)
   return -value, a, chol, ok, ravel_pytree(grads)[0]
@@ -137,15 +285,17 @@ def _dense_parts(nlp, params, inputs, targets, curvature):
 def _slq_parts(nlp, params, inputs, targets, curvature, key, num_probes, num_steps):
   matvec = curvature_vp_fn(nlp, params, inputs, targets, curvature)
   est, stderr = _spectral.stochastic_logdet(matvec, params, key, num_probes, num_steps)
-  ok = jnp.isfinite(est) & jnp.isfinite(stderr)
   value, grads = jax.value_and_grad(nlp)(params, inputs, targets)
-  sol, _ = _linalg.cg(matvec, grads, tol=1e-8, maxiter=4 * num_steps)
+  sol, info = _linalg.cg(matvec, grads, tol=1e-8, maxiter=4 * num_steps)
+  # CG meeting non-positive curvature along g is a certificate that A is not PD.
+  ok = (jnp.isfinite(est) & jnp.isfinite(stderr)
+        & (cg_status(info) != _linalg.CGStatus.NEGATIVE_CURVATURE))
   g = ravel_pytree(grads)[0]
   return (-value, jnp.where(ok, est, 0.0), jnp.where(ok, stderr, 0.0), ok, g,
-          0.5 * jnp.dot(g, ravel_pytree(sol)[0]))
+          0.5 * jnp.dot(g, ravel_pytree(sol)[0]), cg_status(info))
 
 
-_dense_parts_jit = jax.jit(_dense_parts, static_argnums=(0, 4))
+_dense_parts_jit = jax.jit(_dense_parts, static_argnums=(0, 4, 5))
 _slq_parts_jit = jax.jit(_slq_parts, static_argnums=(0, 4, 6, 7))
 
 
@@ -158,11 +308,11 @@ def _eager(nlp, *arrays) -> bool:
   return all(_checks.is_concrete(x) for x in jax.tree_util.tree_leaves(arrays))
 
 
-def dense_parts(nlp, params, inputs, targets, curvature):
+def dense_parts(nlp, params, inputs, targets, curvature, max_bytes=_dense.DEFAULT_MAX_BYTES):
   """``(-nlp, A, L, ok, g)``: log joint, dense curvature, its Cholesky factor
   (identity when not PD), the PD flag and the raveled gradient."""
   fn = _dense_parts_jit if _eager(nlp, params, inputs, targets) else _dense_parts
-  return fn(nlp, params, inputs, targets, curvature)
+  return fn(nlp, params, inputs, targets, curvature, max_bytes)
 
 
 def _newton_decrement(chol, g):
@@ -172,7 +322,7 @@ def _newton_decrement(chol, g):
 
 def log_evidence(nlp, params, inputs, targets, curvature="ggn", *, method="dense",
                  key=None, num_probes=16, num_steps=30, map_tol=1e-2,
-                 return_info=False):
+                 return_info=False, max_bytes=_dense.DEFAULT_MAX_BYTES):
   r"""Laplace approximation of the log marginal likelihood at a MAP.
 
   .. math::
@@ -198,7 +348,21 @@ def log_evidence(nlp, params, inputs, targets, curvature="ggn", *, method="dense
   definite raises ``ValueError`` and a Newton decrement above ``map_tol``
   (params far from a MAP) warns. Under ``jit`` neither can raise: the result is
   ``-inf`` (never NaN) when ``A`` is not positive definite, and
-  ``return_info=True`` returns the flags.
+  ``return_info=True`` returns the flags. Warnings start with ``log_evidence:``;
+  for ``"slq"`` a CG solve for the Newton decrement that did not converge warns
+  (eager) and is flagged in ``EvidenceInfo.cg_status``; CG meeting negative
+  curvature marks ``A`` not positive definite.
+
+  Proper priors only: the evidence of an improper prior is not defined. A flat
+  prior (``nlp.log_prior`` None or :func:`mlmap.flat_log_prior`) or ``None``
+  leaves in the scale tree of a ``functools.partial`` of
+  :func:`mlmap.gaussian_log_prior` / :func:`mlmap.laplace_log_prior` raise
+  ``ValueError`` naming the unpenalized leaves (also under ``jit``: the check is
+  structural). For another ``log_prior`` the entries where the prior's gradient
+  and a random prior Hessian-vector product both vanish at ``params`` count as
+  unpenalized (the prior does not depend on them): ``ValueError`` for concrete
+  ``params``, a NaN result under ``jit``. A plain objective (not a
+  :class:`mlmap.NegativeLogPosterior`) is not checked.
 
   Args:
     nlp: an :class:`mlmap.NegativeLogPosterior` (any scalar
@@ -216,15 +380,20 @@ def log_evidence(nlp, params, inputs, targets, curvature="ggn", *, method="dense
     map_tol: warn when ``g^T A^{-1} g / 2`` exceeds this many nats (``None``:
       never).
     return_info: also return an :class:`EvidenceInfo`.
+    max_bytes: ``method="dense"`` refuses (``ValueError`` naming
+      ``log_evidence``) a dense ``(P, P)`` curvature above this many bytes
+      (default ``mlmap.dense.DEFAULT_MAX_BYTES``, 2 GiB).
 
   Returns:
     The scalar log evidence, or ``(log_evidence, EvidenceInfo)``.
 
   Raises:
-    ValueError: unknown ``curvature``/``method``, missing ``key`` for SLQ, or a
+    ValueError: unknown ``curvature``/``method``, missing ``key`` for SLQ, an
+      improper prior (see above), a dense curvature above ``max_bytes``, or a
       concrete curvature that is not positive definite.
     TypeError: ``curvature="ggn"`` with an ``nlp`` that is not a
-      :class:`mlmap.NegativeLogPosterior`.
+      :class:`mlmap.NegativeLogPosterior`, or non-floating ``params`` leaves
+      (named by path).
 
   References:
     MacKay, "Bayesian interpolation", Neural Computation 1992.
@@ -237,24 +406,31 @@ def log_evidence(nlp, params, inputs, targets, curvature="ggn", *, method="dense
   """
   fn = "log_evidence"
   check_curvature(fn, nlp, curvature, method)
+  check_params(fn, params, max_bytes if method == "dense" else None)
+  proper = check_proper_prior(fn, nlp, params)
   num_params = ravel_pytree(params)[0].size
   half_p_log_2pi = 0.5 * num_params * _LOG_2PI
   a = None
   if method == "dense":
-    log_joint, a, chol, ok, g = dense_parts(nlp, params, inputs, targets, curvature)
+    log_joint, a, chol, ok, g = dense_parts(nlp, params, inputs, targets, curvature,
+                                            max_bytes)
     logdet = jnp.where(ok, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol))), 0.0)
     stderr = jnp.zeros_like(logdet)
     decrement = _newton_decrement(chol, g)
+    status = jnp.asarray(_linalg.CGStatus.CONVERGED, jnp.int32)
   else:
     if key is None:
       raise ValueError(f"{fn}: method='slq' needs a PRNG key, got key=None.")
     args = (nlp, params, inputs, targets, curvature, key, num_probes,
             min(num_steps, num_params))
-    fn = _slq_parts_jit if _eager(nlp, params, inputs, targets, key) else _slq_parts
-    log_joint, logdet, stderr, ok, g, decrement = fn(*args)
+    parts = _slq_parts_jit if _eager(nlp, params, inputs, targets, key) else _slq_parts
+    log_joint, logdet, stderr, ok, g, decrement, status = parts(*args)
   info = EvidenceInfo(log_joint=log_joint, logdet=logdet, logdet_stderr=stderr,
                       positive_definite=ok, grad_norm=jnp.linalg.norm(g),
-                      newton_decrement=jnp.where(ok, decrement, jnp.inf))
+                      newton_decrement=jnp.where(ok, decrement, jnp.inf),
+                      cg_status=status)
   _report(fn, curvature, ok, info, map_tol, a)
   value = jnp.where(ok, log_joint + half_p_log_2pi - 0.5 * logdet, -jnp.inf)
+  if proper is not True:  # a custom prior found locally flat under jit
+    value = jnp.where(proper, value, jnp.nan)
   return (value, info) if return_info else value
