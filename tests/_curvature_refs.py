@@ -130,3 +130,115 @@ def assert_close(actual, expected, rtol=1e-10):
   actual, expected = np.asarray(actual), np.asarray(expected)
   scale = max(np.max(np.abs(expected)), 1e-300)
   np.testing.assert_allclose(actual / scale, expected / scale, atol=rtol, rtol=0)
+
+
+# --- structured outputs: a model returning (mean, extra head) --------------------
+
+def _structured_apply(kind):
+  def apply(params, x):
+    z = mlp_apply(params, x)
+    if kind == "tuple":
+      return z[:, :2], z[:, 2]
+    return {"mean": z[:, :2], "log_sigma": z[:, 2]}
+  return apply
+
+
+def _structured_log_likelihood(kind):
+  def log_lik(outputs, targets):
+    mean, log_sigma = outputs if kind == "tuple" else (outputs["mean"], outputs["log_sigma"])
+    return mm.gaussian_log_likelihood(mean, targets, sigma=jnp.exp(log_sigma)[:, None])
+  return log_lik
+
+
+def structured_output_fisher(kind):
+  """Output Fisher of (2 means sharing one log-sigma): diag(1/s^2, 1/s^2) and 2 * 2."""
+  def ofvp(outputs, u):
+    if kind == "tuple":
+      return u[0] * jnp.exp(-2 * outputs[1])[:, None], 4.0 * u[1]
+    return {"mean": u["mean"] * jnp.exp(-2 * outputs["log_sigma"])[:, None],
+            "log_sigma": 4.0 * u["log_sigma"]}
+  return ofvp
+
+
+@functools.lru_cache(maxsize=None)
+def structured_problem(kind):
+  """``(nlp, params, inputs, targets)`` with outputs a tuple or dict of two heads."""
+  k = jax.random.split(jax.random.PRNGKey(17), 3)
+  params = mlp_init(k[0], (D_IN, HIDDEN, 3))
+  x = jax.random.normal(k[1], (B, D_IN))
+  y = jax.random.normal(k[2], (B, 2))
+  nlp = mm.negative_log_posterior(_structured_apply(kind), _structured_log_likelihood(kind),
+                                  functools.partial(mm.gaussian_log_prior, sigma=1.5),
+                                  num_data=18)
+  return nlp, params, x, y
+
+
+@functools.lru_cache(maxsize=None)
+def structured_references(kind):
+  """Dense ``hessian``, ``ggn``, ``fisher``, ``empirical`` from flat outputs ``[B, 3]``."""
+  nlp, params, x, y = structured_problem(kind)
+  return _structured_references(kind, params, x, y)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _structured_references(kind, params, x, y):
+  nlp = structured_problem(kind)[0]
+  f, unravel = ravel_pytree(params)
+
+  def pack(z):  # flat [b, 3] -> the model's structured outputs
+    return (z[:, :2], z[:, 2]) if kind == "tuple" else {"mean": z[:, :2], "log_sigma": z[:, 2]}
+
+  def example_nll(zi, ti):
+    return -jnp.sum(nlp.log_likelihood(pack(zi[None]), ti[None]))
+
+  prior_h = jax.hessian(lambda w: -nlp.log_prior(unravel(w)))(f)
+  scale = 18 / B
+  hessian = jax.hessian(lambda w: nlp(unravel(w), x, y))(f)
+  z = mlp_apply(params, x)  # [B, 3] = (mean, log sigma) side by side
+  jac = jax.jacfwd(lambda w: mlp_apply(unravel(w), x))(f)
+  hz = jax.vmap(jax.hessian(example_nll))(z, y)
+  ggn = scale * jnp.einsum("iop,ioq,iqr->pr", jac, hz, jac) + prior_h
+  fz = jax.vmap(lambda zi: jnp.diag(jnp.stack(
+      [jnp.exp(-2 * zi[2]), jnp.exp(-2 * zi[2]), jnp.asarray(4.0)])))(z)
+  fisher = scale * jnp.einsum("iop,ioq,iqr->pr", jac, fz, jac) + prior_h
+  grads = jax.vmap(lambda xi, ti: jax.grad(
+      lambda w: example_nll(mlp_apply(unravel(w), xi[None])[0], ti))(f))(x, y)
+  empirical = scale * grads.T @ grads + prior_h
+  return {"hessian": hessian, "ggn": ggn, "fisher": fisher, "empirical": empirical}
+
+
+# --- model state and non-floating leaves -----------------------------------------
+
+def bn_problem():
+  """A flax model with BatchNorm: ``(model, variables, x, y)``; ``None`` without flax."""
+  try:
+    import flax.linen as nn
+  except ImportError:  # pragma: no cover - flax is a test dependency
+    return None
+
+  class BN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
+      return nn.Dense(2)(jnp.tanh(x))
+
+  model = BN()
+  x = jax.random.normal(jax.random.PRNGKey(5), (4, 3))
+  y = jax.random.normal(jax.random.PRNGKey(6), (4, 2))
+  return model, model.init(jax.random.PRNGKey(0), x), x, y
+
+
+def bn_nlps(model, variables):
+  """``{"mutable": (nlp, params), "variables": (nlp, all variables as params)}``."""
+  stats = variables["batch_stats"]
+  mutable = mm.negative_log_posterior(
+      lambda p, x: model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                               mutable=["batch_stats"]), mm.gaussian_log_likelihood)
+  whole = mm.negative_log_posterior(lambda v, x: model.apply(v, x),
+                                    mm.gaussian_log_likelihood)
+  return {"mutable": (mutable, variables["params"]), "variables": (whole, dict(variables))}
+
+
+def with_step_counter(params):
+  """``params`` plus an int step counter and a bool mask (not weights)."""
+  return {**params, "step": jnp.array(1000), "mask": jnp.ones(3, bool)}

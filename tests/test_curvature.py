@@ -14,8 +14,10 @@ import mlmap as mm
 from mlmap import _fisher as fisher_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _curvature_refs import (KINDS, assert_close, flat, mlp_apply, mlp_init,  # noqa: E402
-                             problem, references)
+from _curvature_refs import (KINDS, assert_close, bn_nlps, bn_problem, flat,  # noqa: E402
+                             mlp_apply, mlp_init, problem, references,
+                             structured_output_fisher, structured_problem,
+                             structured_references, with_step_counter)
 
 _hvp = jax.jit(mm.hvp, static_argnums=0)
 _ggn = jax.jit(mm.ggn_vp, static_argnums=0)
@@ -309,3 +311,97 @@ def test_builtin_output_fisher_is_the_closed_form():
     got = jax.jit(_fisher.builtin_output_fisher_vp(kind, {}))(z, u)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-14)
   assert _fisher.log_partition("gaussian") is None
+
+
+# --- issue 10: structured outputs, non-floating leaves, model state --------------
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_structured_outputs_products_equal_references(kind):
+  """empirical_fisher_vp (and the MC Fisher) on (mean, extra head) outputs."""
+  nlp, params, x, y = structured_problem(kind)
+  ref = structured_references(kind)
+  ofvp = structured_output_fisher(kind)
+  v = _vector(params, seed=4)
+
+  @jax.jit
+  def products(v):
+    emp_fn = mm.empirical_fisher_vp_fn(nlp, params, x, y)
+    return {
+        "hessian": mm.hvp(nlp, params, v, x, y),
+        "ggn": mm.ggn_vp(nlp, params, v, x, y),
+        "fisher": mm.fisher_vp(nlp, params, v, x, y, output_fisher_vp=ofvp),
+        "empirical": mm.empirical_fisher_vp(nlp, params, v, x, y),
+        "empirical_fn": emp_fn(v),
+        # Observed targets as the "samples": the MC Fisher is then the empirical one.
+        "mc_observed": mm.mc_fisher_vp(nlp, params, v, x, y, jax.random.PRNGKey(0),
+                                       num_samples=2, sample_fn=lambda key, z: y),
+    }
+
+  got = products(v)
+  vf = flat(v)
+  for name in ("hessian", "ggn", "fisher", "empirical"):
+    assert_close(flat(got[name]), ref[name] @ vf)
+  assert_close(flat(got["empirical_fn"]), ref["empirical"] @ vf)
+  assert_close(flat(got["mc_observed"]), ref["empirical"] @ vf)
+  # The heteroscedastic head makes GGN, Fisher and empirical Fisher differ.
+  assert not np.allclose(ref["ggn"], ref["empirical"], rtol=1e-2)
+  assert not np.allclose(ref["ggn"], ref["fisher"], rtol=1e-2)
+
+
+_PRODUCTS = {
+    "hvp": lambda nlp, p, v, x, y: mm.hvp(nlp, p, v, x, y),
+    "hvp_fn": lambda nlp, p, v, x, y: mm.hvp_fn(nlp, p, x, y),
+    "ggn_vp": mm.ggn_vp,
+    "ggn_vp_fn": lambda nlp, p, v, x, y: mm.ggn_vp_fn(nlp, p, x, y),
+    "fisher_vp": mm.fisher_vp,
+    "fisher_vp_fn": lambda nlp, p, v, x, y: mm.fisher_vp_fn(nlp, p, x, y),
+    "empirical_fisher_vp": mm.empirical_fisher_vp,
+    "empirical_fisher_vp_fn": lambda nlp, p, v, x, y: mm.empirical_fisher_vp_fn(nlp, p, x, y),
+    "mc_fisher_vp": lambda nlp, p, v, x, y: mm.mc_fisher_vp(nlp, p, v, x, y,
+                                                            jax.random.PRNGKey(0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PRODUCTS))
+def test_non_floating_params_leaf_is_named(name):
+  """Item 3: an int step counter / bool mask in params is named, eager and under jit."""
+  nlp, params, x, y = problem("gaussian", True)
+  bad = with_step_counter(params)
+  product = _PRODUCTS[name]
+  pattern = rf"{name}: params must have floating leaves only.*'mask' \(bool\), 'step' \(int"
+  with pytest.raises(TypeError, match=pattern):
+    product(nlp, bad, bad, x, y)
+  with pytest.raises(TypeError, match=pattern):
+    jax.jit(lambda p, x: product(nlp, p, p, x, y))(bad, x)
+
+
+@pytest.mark.parametrize("name", sorted(set(_PRODUCTS) - {"hvp", "hvp_fn"}))
+@pytest.mark.parametrize("how", ["mutable", "variables"])
+def test_flax_model_state_is_refused_naming_collection(name, how):
+  """A BatchNorm model with mutable=["batch_stats"], or all variables as params."""
+  found = bn_problem()
+  if found is None:
+    pytest.skip("flax not installed")
+  model, variables, x, y = found
+  nlp, params = bn_nlps(model, variables)[how]
+  with pytest.raises(TypeError, match=rf"{name}: .*'batch_stats'.*not supported"):
+    _PRODUCTS[name](nlp, params, params, x, y)
+  with pytest.raises(TypeError, match=rf"{name}: .*'batch_stats'"):
+    jax.jit(lambda p: _PRODUCTS[name](nlp, p, p, x, y))(params)
+
+
+def test_builder_matvec_checks_vector_and_mc_key():
+  nlp, params, x, y = problem("bernoulli", False)
+  bad_shape = jax.tree_util.tree_map(jnp.zeros_like, params)
+  bad_shape["layer0"]["b"] = jnp.zeros(9)
+  for builder in (mm.ggn_vp_fn, mm.fisher_vp_fn, mm.empirical_fisher_vp_fn):
+    with pytest.raises(ValueError, match=r"vector leaf shapes .*\(9,\).* differ"):
+      builder(nlp, params, x, y)(bad_shape)
+  with pytest.raises(ValueError, match="vector tree structure"):
+    mm.hvp_fn(nlp, params, x, y)([1.0])
+  for key in (0, jnp.zeros(3, jnp.uint32), jnp.zeros(2)):
+    with pytest.raises(TypeError, match="mc_fisher_vp: key must be a jax.random key"):
+      mm.mc_fisher_vp(nlp, params, params, x, y, key)
+  # Typed keys are accepted.
+  out = mm.mc_fisher_vp(nlp, params, params, x, y, jax.random.key(1))
+  assert np.all(np.isfinite(flat(out)))

@@ -13,8 +13,11 @@ from jax.flatten_util import ravel_pytree
 import mlmap as mm
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _curvature_refs import (KINDS, assert_close, flat, mlp_apply, mlp_init,  # noqa: E402
-                             problem, references)
+from _curvature_refs import (KINDS, assert_close, bn_nlps, bn_problem, flat,  # noqa: E402
+                             mlp_apply, mlp_init, problem, references,
+                             structured_output_fisher, structured_problem,
+                             structured_references, with_step_counter)
+from mlmap import dense as dense_lib  # noqa: E402
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -132,3 +135,91 @@ def test_dense_refuses_over_max_bytes_and_bad_options():
     mm.fisher_diagonal(hetero, params, x, y)
   with pytest.raises(ValueError, match="output_fisher_vp"):
     mm.fisher_matrix(hetero, params, x, y)
+
+
+# --- issue 10: structured outputs, non-floating leaves, model state, max_bytes ---
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+def test_structured_outputs_diagonals_and_matrices(kind):
+  """ggn_diagonal / fisher_diagonal on (mean, extra head) outputs, against references."""
+  nlp, params, x, y = structured_problem(kind)
+  ref = structured_references(kind)
+  ofvp = structured_output_fisher(kind)
+
+  @jax.jit
+  def compute(params):
+    return {
+        "ggn": mm.ggn_matrix(nlp, params, x, y),
+        "fisher": mm.fisher_matrix(nlp, params, x, y, output_fisher_vp=ofvp),
+        "empirical": mm.empirical_fisher_matrix(nlp, params, x, y, chunk_size=5),
+        "ggn_diagonal": flat(mm.ggn_diagonal(nlp, params, x, y, chunk_size=4)),
+        "fisher_diagonal": flat(mm.fisher_diagonal(nlp, params, x, y,
+                                                   output_fisher_vp=ofvp)),
+    }
+
+  got = compute(params)
+  for name in ("ggn", "fisher", "empirical"):
+    assert_close(got[name], ref[name])
+  assert_close(got["ggn_diagonal"], jnp.diag(ref["ggn"]))
+  assert_close(got["fisher_diagonal"], jnp.diag(ref["fisher"]))
+  assert not np.allclose(jnp.diag(ref["ggn"]), jnp.diag(ref["fisher"]), rtol=1e-2)
+
+
+def test_output_blocks_of_a_tuple_match_the_flat_blocks():
+  outputs = (jnp.arange(6.0).reshape(3, 2), jnp.arange(3.0))
+  blocks = dense_lib._output_blocks(lambda u: (2.0 * u[0], 3.0 * u[1]), outputs)
+  np.testing.assert_array_equal(blocks, jnp.broadcast_to(jnp.diag(jnp.array([2., 2, 3])),
+                                                         (3, 3, 3)))
+  with pytest.raises(ValueError, match=r"ggn_diagonal: every leaf .*\[\(3, 2\), \(4,\)\]"):
+    dense_lib._batch_ravel("ggn_diagonal", (jnp.zeros((3, 2)), jnp.zeros(4)))
+
+
+_DENSE = {
+    "hessian_matrix": lambda nlp, p, x, y: mm.hessian_matrix(nlp, p, x, y),
+    "ggn_matrix": mm.ggn_matrix,
+    "fisher_matrix": mm.fisher_matrix,
+    "empirical_fisher_matrix": mm.empirical_fisher_matrix,
+    "ggn_diagonal": mm.ggn_diagonal,
+    "fisher_diagonal": mm.fisher_diagonal,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DENSE))
+def test_dense_names_non_floating_params_leaf(name):
+  nlp, params, x, y = problem("categorical", True)
+  bad = with_step_counter(params)
+  pattern = rf"{name}: params must have floating leaves only.*'mask' \(bool\), 'step' \(int"
+  with pytest.raises(TypeError, match=pattern):
+    _DENSE[name](nlp, bad, x, y)
+  with pytest.raises(TypeError, match=pattern):
+    jax.jit(lambda p: _DENSE[name](nlp, p, x, y))(bad)
+
+
+@pytest.mark.parametrize("name", sorted(set(_DENSE) - {"hessian_matrix"}))
+@pytest.mark.parametrize("how", ["mutable", "variables"])
+def test_dense_refuses_flax_model_state(name, how):
+  found = bn_problem()
+  if found is None:
+    pytest.skip("flax not installed")
+  model, variables, x, y = found
+  nlp, params = bn_nlps(model, variables)[how]
+  with pytest.raises(TypeError, match=rf"{name}: .*'batch_stats'.*not supported"):
+    _DENSE[name](nlp, params, x, y)
+
+
+@pytest.mark.parametrize("bad", [True, np.True_, float("nan"), float("inf"), -float("inf"),
+                                 0, -1.0, "2e9", None, jnp.array(1e9)])
+def test_check_dense_bytes_rejects_bool_nan_inf(bad):
+  with pytest.raises(ValueError, match=r"laplace: max_bytes must be a positive number, got"):
+    dense_lib.check_dense_bytes("laplace", 10, jnp.float64, bad)
+
+
+def test_check_dense_bytes_accepts_numbers_and_refuses_by_name():
+  for ok in (800, 800.0, np.int64(800), np.float32(1e9)):
+    dense_lib.check_dense_bytes("newton", 10, jnp.float64, ok)
+  with pytest.raises(ValueError, match=r"newton: the dense \(10, 10\) float64 matrix needs "
+                                       r"800 bytes .*max_bytes= to newton"):
+    dense_lib.check_dense_bytes("newton", 10, jnp.float64, 799)
+  nlp, params, x, y = problem("gaussian", False)
+  with pytest.raises(ValueError, match=r"ggn_matrix: max_bytes .*got nan"):
+    mm.ggn_matrix(nlp, params, x, y, max_bytes=float("nan"))

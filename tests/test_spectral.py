@@ -223,7 +223,35 @@ def test_spectral_bad_inputs():
     mm.lanczos_eigenvalues(mv, like, KEY, k=2, which="BE")
   with pytest.raises(ValueError, match=r"k \(4\) must be <= num_steps \(3\)"):
     mm.lanczos_eigenvalues(mv, like, KEY, k=4, num_steps=3)
-  with pytest.raises(TypeError, match="real floating"):
+  with pytest.raises(TypeError, match="like must have floating leaves only.*'<root>'"):
     mm.stochastic_logdet(mv, jnp.arange(5), KEY, 4, 2)
   with pytest.raises(ValueError, match=r"matvec\(v\) tree structure"):
     mm.slq_quadrature(lambda v: {"a": v}, like, KEY, 2, 2)
+
+
+def test_spectral_names_non_floating_like_leaf_and_checks_key():
+  """Item 3: a step counter or mask in ``like`` is named by its path."""
+  like = {"w": jnp.zeros(3), "state": {"step": jnp.array(7), "mask": jnp.ones(2, bool)}}
+  mv = lambda v: v  # noqa: E731
+  calls = {
+      "hutchinson_trace": lambda: mm.hutchinson_trace(mv, like, KEY, 2),
+      "hutchinson_diagonal": lambda: mm.hutchinson_diagonal(mv, like, KEY, 2),
+      "lanczos_eigenvalues": lambda: mm.lanczos_eigenvalues(mv, like, KEY, k=1),
+      "slq_quadrature": lambda: mm.slq_quadrature(mv, like, KEY, 1, 2),
+      "spectral_density": lambda: mm.spectral_density(mv, like, KEY, 1, 2, jnp.zeros(3), 1.0),
+      "stochastic_logdet": lambda: mm.stochastic_logdet(mv, like, KEY, 2, 2),
+  }
+  for name, call in calls.items():
+    with pytest.raises(TypeError, match=rf"{name}: like .*'state/mask' \(bool\), "
+                                        r"'state/step' \(int"):
+      call()
+  ok = jnp.zeros(4)
+  with pytest.raises(TypeError, match="key must be a jax.random key"):
+    mm.hutchinson_trace(mv, ok, 0, 2)
+  with pytest.raises(TypeError, match=r"key must be a jax.random key.*shape \(3,\)"):
+    mm.lanczos_eigenvalues(mv, ok, jnp.zeros(3, jnp.uint32), k=1)
+  with pytest.raises(ValueError, match="sigma must be finite"):
+    mm.spectral_density(mv, ok, KEY, 1, 2, jnp.zeros(3), float("inf"))
+  # A new-style typed key is accepted.
+  est = mm.hutchinson_trace(mv, ok, jax.random.key(0), 2)
+  np.testing.assert_allclose(est.estimate, 4.0)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from mlmap import _checks
 from mlmap import _fisher
+from mlmap import posterior
 
 
 def _as_vector(fn, vector, params):
@@ -28,6 +29,11 @@ def _as_vector(fn, vector, params):
   _checks.check_tree_like(fn, "vector", vector, params)
   return jax.tree_util.tree_map(
       lambda v, p: jnp.asarray(v, jnp.result_type(p)), vector, params)
+
+
+def _check_params(fn, params):
+  """Non-floating leaves (a step counter, a mask) are not weights: name them."""
+  _checks.check_float_leaves(fn, params)
 
 
 def _check_nlp(fn, nlp):
@@ -39,9 +45,16 @@ def _check_nlp(fn, nlp):
                     "any scalar function.")
 
 
-def _linearize_model(nlp, params, inputs):
-  """Outputs, ``v -> J v`` and ``u -> J^T u``, with the primal pass run once."""
+def _linearize_model(fn, nlp, params, inputs):
+  """Outputs, ``v -> J v`` and ``u -> J^T u``, with the primal pass run once.
+
+  ``outputs`` may be any pytree (a tuple ``(mean, extra head)``, a dict of
+  heads); model state (flax ``batch_stats``, ``mutable=``) is refused, naming
+  ``fn``, before anything is differentiated.
+  """
+  posterior.check_stateless_model(fn, params, None)
   outputs, jvp_fn = jax.linearize(lambda p: nlp.apply_fn(p, inputs), params)
+  posterior.check_stateless_model(fn, params, outputs)
   transpose = jax.linear_transpose(jvp_fn, params)
   return outputs, jvp_fn, lambda u: transpose(u)[0]
 
@@ -67,7 +80,7 @@ def _combine(scale, data, prior):
 
 def _output_space_vp_fn(fn, nlp, params, inputs, output_vp):
   """``v -> (N/B) J^T M(outputs) J v + prior Hessian v`` for an output-space ``M``."""
-  outputs, jvp_fn, vjp_fn = _linearize_model(nlp, params, inputs)
+  outputs, jvp_fn, vjp_fn = _linearize_model(fn, nlp, params, inputs)
   m_vp = output_vp(outputs)
   prior = _prior_hvp_fn(nlp, params)
   scale = nlp.scale(inputs)
@@ -75,6 +88,15 @@ def _output_space_vp_fn(fn, nlp, params, inputs, output_vp):
   def matvec(vector):
     v = _as_vector(fn, vector, params)
     return _combine(scale, vjp_fn(m_vp(jvp_fn(v))), prior(v))
+  return matvec
+
+
+def _hvp_fn(fn, fun, params, *args):
+  _check_params(fn, params)
+  _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
+
+  def matvec(vector):
+    return lin(_as_vector(fn, vector, params))
   return matvec
 
 
@@ -91,12 +113,13 @@ def hvp_fn(fun, params, *args):
 
   Returns:
     ``matvec(vector) -> pytree`` (same structure as ``params``).
-  """
-  _, lin = jax.linearize(lambda p: jax.grad(fun)(p, *args), params)
 
-  def matvec(vector):
-    return lin(_as_vector("hvp", vector, params))
-  return matvec
+  Raises:
+    TypeError: a non-floating leaf in ``params``, named by its path.
+    ValueError: (from ``matvec``) ``vector``'s tree or leaf shapes differ from
+      ``params``.
+  """
+  return _hvp_fn("hvp_fn", fun, params, *args)
 
 
 def hvp(fun, params, vector, *args):
@@ -119,22 +142,34 @@ def hvp(fun, params, vector, *args):
 
   Raises:
     ValueError: ``vector``'s tree or leaf shapes differ from ``params``.
+    TypeError: a non-floating leaf in ``params`` (an integer step counter, a
+      bool mask), named by its path: it cannot be differentiated.
 
   References:
     Pearlmutter, "Fast exact multiplication by the Hessian", 1994.
     Martens, "Deep learning via Hessian-free optimization", ICML 2010.
   """
+  _check_params("hvp", params)
   v = _as_vector("hvp", vector, params)
   return jax.jvp(lambda p: jax.grad(fun)(p, *args), (params,), (v,))[1]
 
 
-def ggn_vp_fn(nlp, params, inputs, targets):
-  """Linearize the model once; return ``v -> G v`` (see :func:`ggn_vp`)."""
-  _check_nlp("ggn_vp", nlp)
+def _ggn_vp_fn(fn, nlp, params, inputs, targets):
+  _check_nlp(fn, nlp)
+  _check_params(fn, params)
 
   def output_hessian(outputs):
     return jax.linearize(jax.grad(_sum_nll(nlp, targets)), outputs)[1]
-  return _output_space_vp_fn("ggn_vp", nlp, params, inputs, output_hessian)
+  return _output_space_vp_fn(fn, nlp, params, inputs, output_hessian)
+
+
+def ggn_vp_fn(nlp, params, inputs, targets):
+  """Linearize the model once; return ``v -> G v`` (see :func:`ggn_vp`).
+
+  Checks as :func:`ggn_vp` (``params`` and the model's state when built, the
+  vector when ``matvec`` is called).
+  """
+  return _ggn_vp_fn("ggn_vp_fn", nlp, params, inputs, targets)
 
 
 def ggn_vp(nlp, params, vector, inputs, targets):
@@ -161,9 +196,15 @@ def ggn_vp(nlp, params, vector, inputs, targets):
   Returns:
     ``G v``, a pytree like ``params``.
 
+  ``apply_fn`` may return any pytree (a tuple ``(mean, extra head)``, a dict of
+  heads) that ``log_likelihood`` takes; :math:`H_{z_i}` is then the Hessian in
+  all of example ``i``'s outputs together.
+
   Raises:
     ValueError: ``vector``'s tree or leaf shapes differ from ``params``.
-    TypeError: ``nlp`` is not a negative log-posterior.
+    TypeError: ``nlp`` is not a negative log-posterior; a non-floating leaf in
+      ``params`` (named by its path); model state (flax ``batch_stats`` in
+      ``params`` or a ``mutable=`` result from ``apply_fn``, named by collection).
 
   Examples:
     A linear model with unit Gaussian noise has :math:`G = X^\top X`:
@@ -181,7 +222,18 @@ def ggn_vp(nlp, params, vector, inputs, targets):
     JMLR 2020, https://arxiv.org/abs/1412.1193.
   """
   _checks.check_tree_like("ggn_vp", "vector", vector, params)
-  return ggn_vp_fn(nlp, params, inputs, targets)(vector)
+  return _ggn_vp_fn("ggn_vp", nlp, params, inputs, targets)(vector)
+
+
+def _check_key(fn, key):
+  """A ``jax.random`` key: a new-style typed key or a legacy ``uint32[2]``."""
+  dt = jnp.result_type(key)
+  if jnp.issubdtype(dt, jax.dtypes.prng_key):
+    return
+  if dt != jnp.uint32 or jnp.shape(key)[-1:] != (2,) or jnp.ndim(key) != 1:
+    raise TypeError(f"{fn}: key must be a jax.random key (jax.random.key(seed) or "
+                    f"jax.random.PRNGKey(seed)), got {dt} array of shape "
+                    f"{jnp.shape(key)}.")
 
 
 def _output_fisher(fn, nlp, output_fisher_vp):
@@ -207,12 +259,21 @@ def _output_fisher(fn, nlp, output_fisher_vp):
   return _fisher.builtin_output_fisher_vp(*found)
 
 
-def fisher_vp_fn(nlp, params, inputs, targets, output_fisher_vp=None):
-  """Linearize the model once; return ``v -> F v`` (see :func:`fisher_vp`)."""
-  _check_nlp("fisher_vp", nlp)
-  ofvp = _output_fisher("fisher_vp", nlp, output_fisher_vp)
-  return _output_space_vp_fn("fisher_vp", nlp, params, inputs,
+def _fisher_vp_fn(fn, nlp, params, inputs, output_fisher_vp):
+  _check_nlp(fn, nlp)
+  _check_params(fn, params)
+  ofvp = _output_fisher(fn, nlp, output_fisher_vp)
+  return _output_space_vp_fn(fn, nlp, params, inputs,
                              lambda outputs: functools.partial(ofvp, outputs))
+
+
+def fisher_vp_fn(nlp, params, inputs, targets, output_fisher_vp=None):
+  """Linearize the model once; return ``v -> F v`` (see :func:`fisher_vp`).
+
+  Checks as :func:`fisher_vp`.
+  """
+  del targets  # the Fisher takes its expectation over the model's predictions
+  return _fisher_vp_fn("fisher_vp_fn", nlp, params, inputs, output_fisher_vp)
 
 
 def fisher_vp(nlp, params, vector, inputs, targets, output_fisher_vp=None):
@@ -249,6 +310,8 @@ def fisher_vp(nlp, params, vector, inputs, targets, output_fisher_vp=None):
   Raises:
     ValueError: unrecognized likelihood and no ``output_fisher_vp``; ``vector``
       unlike ``params``.
+    TypeError: a non-floating leaf in ``params`` (named by its path); model
+      state in ``params`` or ``apply_fn``'s result (named by collection).
 
   References:
     Amari, "Natural gradient works efficiently in learning", Neural
@@ -257,21 +320,42 @@ def fisher_vp(nlp, params, vector, inputs, targets, output_fisher_vp=None):
     JMLR 2020, https://arxiv.org/abs/1412.1193.
   """
   _checks.check_tree_like("fisher_vp", "vector", vector, params)
-  return fisher_vp_fn(nlp, params, inputs, targets, output_fisher_vp)(vector)
+  del targets
+  return _fisher_vp_fn("fisher_vp", nlp, params, inputs, output_fisher_vp)(vector)
+
+
+def _per_example_dot(r, u, batch_axes=1):
+  """``s_i = sum over all output leaves of <r_i, u_i>``, shape ``r``'s leading axes."""
+  parts = [jnp.sum((a * b).reshape(a.shape[:batch_axes] + (-1,)), axis=-1)
+           for a, b in zip(jax.tree_util.tree_leaves(r), jax.tree_util.tree_leaves(u))]
+  return functools.reduce(jnp.add, parts)
+
+
+def _scale_rows(s, r):
+  """``s_i * r_i`` for every output leaf of ``r`` (``s`` over ``r``'s leading axes)."""
+  return jax.tree_util.tree_map(
+      lambda a: s.reshape(s.shape + (1,) * (a.ndim - s.ndim)).astype(a.dtype) * a, r)
+
+
+def _empirical_fisher_vp_fn(fn, nlp, params, inputs, targets):
+  _check_nlp(fn, nlp)
+  _check_params(fn, params)
+
+  def output_outer(outputs):
+    r = jax.grad(_sum_nll(nlp, targets))(outputs)  # example i: d l_i / d z_i
+
+    def vp(u):
+      return _scale_rows(_per_example_dot(r, u), r)  # (g_i^T v) r_i
+    return vp
+  return _output_space_vp_fn(fn, nlp, params, inputs, output_outer)
 
 
 def empirical_fisher_vp_fn(nlp, params, inputs, targets):
-  """Linearize the model once; return ``v -> F_emp v`` (see :func:`empirical_fisher_vp`)."""
-  _check_nlp("empirical_fisher_vp", nlp)
+  """Linearize the model once; return ``v -> F_emp v`` (see :func:`empirical_fisher_vp`).
 
-  def output_outer(outputs):
-    r = jax.grad(_sum_nll(nlp, targets))(outputs)  # row i: d l_i / d z_i
-
-    def vp(u):
-      s = jnp.sum((r * u).reshape(r.shape[0], -1), axis=1)  # g_i^T v
-      return s.reshape((-1,) + (1,) * (r.ndim - 1)) * r
-    return vp
-  return _output_space_vp_fn("empirical_fisher_vp", nlp, params, inputs, output_outer)
+  Checks as :func:`empirical_fisher_vp`.
+  """
+  return _empirical_fisher_vp_fn("empirical_fisher_vp_fn", nlp, params, inputs, targets)
 
 
 def empirical_fisher_vp(nlp, params, vector, inputs, targets):
@@ -301,8 +385,16 @@ def empirical_fisher_vp(nlp, params, vector, inputs, targets):
     inputs: batch of inputs.
     targets: batch of targets.
 
+  ``apply_fn`` may return any pytree of outputs, each leaf with its own leading
+  batch axis: :math:`r_i` is then example ``i``'s slice of every leaf.
+
   Returns:
     ``F_emp v``, a pytree like ``params``.
+
+  Raises:
+    ValueError: ``vector``'s tree or leaf shapes differ from ``params``.
+    TypeError: ``nlp`` is not a negative log-posterior; a non-floating leaf in
+      ``params`` (named by its path); model state (named by collection).
 
   References:
     Kunstner, Balles and Hennig, "Limitations of the empirical Fisher
@@ -310,7 +402,8 @@ def empirical_fisher_vp(nlp, params, vector, inputs, targets):
     https://arxiv.org/abs/1905.12558.
   """
   _checks.check_tree_like("empirical_fisher_vp", "vector", vector, params)
-  return empirical_fisher_vp_fn(nlp, params, inputs, targets)(vector)
+  return _empirical_fisher_vp_fn("empirical_fisher_vp", nlp, params, inputs,
+                                 targets)(vector)
 
 
 def mc_fisher_vp(nlp, params, vector, inputs, targets, key, num_samples=1,
@@ -343,7 +436,9 @@ def mc_fisher_vp(nlp, params, vector, inputs, targets, key, num_samples=1,
 
   Raises:
     ValueError: ``num_samples`` < 1, or no ``sample_fn`` for a likelihood that is
-      not a built-in.
+      not a built-in; ``vector`` unlike ``params``.
+    TypeError: a non-floating leaf in ``params`` (named by its path); ``key``
+      not a ``jax.random`` key; model state (named by collection).
 
   References:
     Martens, "New insights and perspectives on the natural gradient method",
@@ -354,7 +449,9 @@ def mc_fisher_vp(nlp, params, vector, inputs, targets, key, num_samples=1,
   """
   fn = "mc_fisher_vp"
   _check_nlp(fn, nlp)
+  _check_params(fn, params)
   _checks.check_tree_like(fn, "vector", vector, params)
+  _check_key(fn, key)
   if (not isinstance(num_samples, numbers.Integral) or isinstance(num_samples, bool)
       or num_samples < 1):
     raise ValueError(f"{fn}: num_samples must be an integer >= 1, got {num_samples!r}.")
@@ -374,8 +471,8 @@ def mc_fisher_vp(nlp, params, vector, inputs, targets, key, num_samples=1,
     r = jax.vmap(lambda t: jax.grad(_sum_nll(nlp, t))(outputs))(samples)
 
     def vp(u):
-      s = jnp.sum((r * u).reshape(r.shape[:2] + (-1,)), axis=2)  # [S, B]
-      s = s.reshape(s.shape + (1,) * (r.ndim - 2))
-      return jnp.mean(s * r, axis=0)
+      u = jax.tree_util.tree_map(lambda a: a[None], u)
+      s = _per_example_dot(r, u, batch_axes=2)  # [S, B]
+      return jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), _scale_rows(s, r))
     return vp
   return _output_space_vp_fn(fn, nlp, params, inputs, output_mc)(vector)

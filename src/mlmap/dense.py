@@ -13,13 +13,17 @@ All matrices are in ``jax.flatten_util.ravel_pytree(params)`` order.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from mlmap import _checks
 from mlmap import curvature
+from mlmap import posterior
 from mlmap import priors
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
@@ -41,9 +45,21 @@ def check_dense_bytes(fn, num_params, dtype, max_bytes):
   Dense consumers (``log_evidence``, ``laplace``, ``newton``, ...) call this with
   their own name before building a matrix, so the advice names the argument the
   user can actually pass.
+
+  Args:
+    fn: the public call to name in the message (it must take ``max_bytes=``).
+    num_params: ``P``.
+    dtype: the matrix's dtype.
+    max_bytes: the limit, a finite number > 0 (not a bool, NaN or inf).
+
+  Raises:
+    ValueError: ``max_bytes`` is not a finite positive number, or
+      ``P^2 * itemsize`` exceeds it.
   """
-  if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)) or max_bytes <= 0:
-    raise ValueError(f"{fn}: max_bytes must be a positive number, got {max_bytes!r}.")
+  if (isinstance(max_bytes, (bool, np.bool_)) or not isinstance(max_bytes, numbers.Real)
+      or not math.isfinite(max_bytes) or max_bytes <= 0):
+    raise ValueError(f"{fn}: max_bytes must be a positive number, got {max_bytes!r} "
+                     "(a finite int or float of bytes; not a bool, NaN or inf).")
   need = num_params * num_params * jnp.dtype(dtype).itemsize
   if need > max_bytes:
     raise ValueError(
@@ -90,8 +106,15 @@ def hessian_matrix(fun, params, *args, chunk_size=None, max_bytes=DEFAULT_MAX_BY
 
   Returns:
     ``(P, P)`` array.
+
+  Raises:
+    TypeError: a non-floating leaf in ``params``, named by its path.
+    ValueError: ``chunk_size`` not an integer >= 1; ``max_bytes`` not a finite
+      positive number, or smaller than the result.
   """
-  return _dense_from_matvec("hessian_matrix", curvature.hvp_fn(fun, params, *args),
+  fn = "hessian_matrix"
+  _checks.check_float_leaves(fn, params)
+  return _dense_from_matvec(fn, curvature._hvp_fn(fn, fun, params, *args),
                             params, chunk_size, max_bytes)
 
 
@@ -102,10 +125,13 @@ def ggn_matrix(nlp, params, inputs, targets, *, chunk_size=None,
   .. math::
     G = \frac{N}{B}\sum_i J_i^\top H_{z_i} J_i + \nabla^2_w(-\log p(w))
 
-  Args and limits as :func:`hessian_matrix`. Returns a ``(P, P)`` array.
+  Args, limits and errors as :func:`hessian_matrix`, plus those of
+  :func:`mlmap.ggn_vp` (structured outputs are supported, model state is
+  refused). Returns a ``(P, P)`` array.
   """
-  return _dense_from_matvec("ggn_matrix",
-                            curvature.ggn_vp_fn(nlp, params, inputs, targets),
+  fn = "ggn_matrix"
+  _checks.check_float_leaves(fn, params)
+  return _dense_from_matvec(fn, curvature._ggn_vp_fn(fn, nlp, params, inputs, targets),
                             params, chunk_size, max_bytes)
 
 
@@ -116,12 +142,14 @@ def fisher_matrix(nlp, params, inputs, targets, *, output_fisher_vp=None,
   .. math::
     F = \frac{N}{B}\sum_i J_i^\top F_{z_i} J_i + \nabla^2_w(-\log p(w))
 
-  Args and limits as :func:`hessian_matrix`; ``output_fisher_vp`` as in
-  :func:`mlmap.fisher_vp`. Returns a ``(P, P)`` array.
+  Args, limits and errors as :func:`hessian_matrix`; ``output_fisher_vp`` and
+  its errors as in :func:`mlmap.fisher_vp`. Returns a ``(P, P)`` array.
   """
+  fn = "fisher_matrix"
+  _checks.check_float_leaves(fn, params)
+  del targets
   return _dense_from_matvec(
-      "fisher_matrix",
-      curvature.fisher_vp_fn(nlp, params, inputs, targets, output_fisher_vp),
+      fn, curvature._fisher_vp_fn(fn, nlp, params, inputs, output_fisher_vp),
       params, chunk_size, max_bytes)
 
 
@@ -133,11 +161,13 @@ def empirical_fisher_matrix(nlp, params, inputs, targets, *, chunk_size=None,
     \tilde F = \frac{N}{B}\sum_i g_i g_i^\top + \nabla^2_w(-\log p(w))
 
   Not the Fisher (Kunstner et al. 2019, https://arxiv.org/abs/1905.12558).
-  Args and limits as :func:`hessian_matrix`. Returns a ``(P, P)`` array.
+  Args, limits and errors as :func:`hessian_matrix` and
+  :func:`mlmap.empirical_fisher_vp`. Returns a ``(P, P)`` array.
   """
+  fn = "empirical_fisher_matrix"
+  _checks.check_float_leaves(fn, params)
   return _dense_from_matvec(
-      "empirical_fisher_matrix",
-      curvature.empirical_fisher_vp_fn(nlp, params, inputs, targets),
+      fn, curvature._empirical_fisher_vp_fn(fn, nlp, params, inputs, targets),
       params, chunk_size, max_bytes)
 
 
@@ -171,26 +201,47 @@ def _prior_diagonal(fn, nlp, params, chunk_size):
                      batch_size=min(_check_chunk(fn, chunk_size), flat.size))
 
 
-def _output_blocks(output_vp, outputs):
-  """Per-example output-space matrices ``[B, O, O]`` of a block-diagonal product."""
-  b = outputs.shape[0]
-  o = outputs.size // b
-  basis = jnp.broadcast_to(jnp.eye(o, dtype=outputs.dtype)[:, None, :], (o, b, o))
-  cols = jax.vmap(lambda e: output_vp(e.reshape(outputs.shape)).reshape(b, o))(basis)
+def _batch_ravel(fn, outputs):
+  """``outputs`` (an array or a pytree, each leaf ``[B, ...]``) as ``[B, O]``.
+
+  Returns:
+    ``(flat, unravel)``: ``flat`` is ``[B, O]``, example ``i``'s outputs of all
+    leaves concatenated in leaf order; ``unravel`` maps any ``[b, O]`` back to
+    a pytree like ``outputs`` with batch ``b``.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(outputs)
+  shapes = [jnp.shape(a) for a in leaves]
+  if not leaves or any(len(sh) == 0 for sh in shapes) or len({sh[0] for sh in shapes}) != 1:
+    raise ValueError(f"{fn}: every leaf of the model's outputs needs the same leading "
+                     f"batch axis, got leaf shapes {shapes}.")
+  b = shapes[0][0]
+  sizes = [math.prod(sh[1:]) for sh in shapes]
+  dtype = jnp.result_type(*leaves)
+  flat = jnp.concatenate([jnp.reshape(a, (b, -1)).astype(dtype) for a in leaves], axis=1)
+  splits = np.cumsum(sizes)[:-1].tolist()
+
+  def unravel(m):
+    parts = jnp.split(m, splits, axis=1)
+    return jax.tree_util.tree_unflatten(treedef, [
+        p.reshape((m.shape[0],) + sh[1:]).astype(a.dtype)
+        for p, sh, a in zip(parts, shapes, leaves)])
+  return flat, unravel
+
+
+def _output_blocks(output_vp, outputs, fn="curvature"):
+  """Per-example output-space matrices ``[B, O, O]`` of a block-diagonal product.
+
+  ``outputs`` may be a pytree; ``O`` counts every leaf's entries of one example.
+  """
+  flat, unravel = _batch_ravel(fn, outputs)
+  b, o = flat.shape
+  basis = jnp.broadcast_to(jnp.eye(o, dtype=flat.dtype)[:, None, :], (o, b, o))
+  cols = jax.vmap(lambda e: _batch_ravel(fn, output_vp(unravel(e)))[0])(basis)
   return jnp.transpose(cols, (1, 2, 0))  # [i, row, col]
 
 
-def _diagonal(fn, nlp, params, inputs, targets, output_vp_of, chunk_size):
-  r"""``(N/B) sum_i sum_k lam_ik (J_i^T u_ik)^2`` + prior diagonal, flat ``[P]``."""
-  curvature._check_nlp(fn, nlp)
-  flat, unravel = ravel_pytree(params)
-  outputs = nlp.apply_fn(params, inputs)
-  b = outputs.shape[0]
-  o = outputs.size // b
-  blocks = _output_blocks(output_vp_of(outputs), outputs)
-  blocks = 0.5 * (blocks + jnp.swapaxes(blocks, 1, 2))
-  lam, vecs = jnp.linalg.eigh(blocks)  # M_i = sum_k lam_ik u_ik u_ik^T
-
+def _diagonal_chunks(b, o, flat, chunk_size, fn):
+  """Example indices ``[C, c]`` and 0/1 weights padding ``B`` to ``C * c``."""
   if chunk_size is None:
     # Each example holds O parameter-sized rows: keep a chunk near 256 MiB.
     per_example = o * flat.size * flat.dtype.itemsize
@@ -199,13 +250,31 @@ def _diagonal(fn, nlp, params, inputs, targets, output_vp_of, chunk_size):
   num_chunks = -(-b // chunk_size)
   idx = jnp.arange(num_chunks * chunk_size)
   weight = (idx < b).astype(flat.dtype).reshape(num_chunks, chunk_size)
-  idx = (idx % b).reshape(num_chunks, chunk_size)
+  return (idx % b).reshape(num_chunks, chunk_size), weight, chunk_size
+
+
+def _diagonal(fn, nlp, params, inputs, targets, output_vp_of, chunk_size):
+  r"""``(N/B) sum_i sum_k lam_ik (J_i^T u_ik)^2`` + prior diagonal, flat ``[P]``."""
+  curvature._check_nlp(fn, nlp)
+  _checks.check_float_leaves(fn, params)
+  posterior.check_stateless_model(fn, params, None)
+  flat, unravel = ravel_pytree(params)
+  outputs = nlp.apply_fn(params, inputs)
+  posterior.check_stateless_model(fn, params, outputs)
+  flat_out, _ = _batch_ravel(fn, outputs)
+  b, o = flat_out.shape
+  blocks = _output_blocks(output_vp_of(outputs), outputs, fn)
+  blocks = 0.5 * (blocks + jnp.swapaxes(blocks, 1, 2))
+  lam, vecs = jnp.linalg.eigh(blocks)  # M_i = sum_k lam_ik u_ik u_ik^T
+  idx, weight, chunk_size = _diagonal_chunks(b, o, flat, chunk_size, fn)
 
   def example(x, lam_i, vecs_i):
     def f(p):
-      return nlp.apply_fn(p, jax.tree_util.tree_map(lambda a: a[None], x))[0]
+      return nlp.apply_fn(p, jax.tree_util.tree_map(lambda a: a[None], x))
     z, vjp_fn = jax.vjp(f, params)
-    rows = jax.vmap(lambda u: ravel_pytree(vjp_fn(u.reshape(z.shape))[0])[0])(vecs_i.T)
+    posterior.check_stateless_model(fn, params, z)
+    unravel_z = _batch_ravel(fn, z)[1]
+    rows = jax.vmap(lambda u: ravel_pytree(vjp_fn(unravel_z(u[None]))[0])[0])(vecs_i.T)
     # Contractions as dots: XLA:CPU (jaxlib 0.10) runs a fused multiply-reduce
     # over the small middle axis tens of times slower.
     return jnp.dot(lam_i, jnp.square(rows), precision=jax.lax.Precision.HIGHEST)
@@ -237,9 +306,11 @@ def ggn_diagonal(nlp, params, inputs, targets, *, chunk_size=None):
   MLP 784-512-512-10 at batch 512 on CPU (``experiments/bench_curvature.py``
   workload): recompute it rarely, or use ``mm.hutchinson_diagonal`` for an
   unbiased estimate at a few products per probe. ``apply_fn`` must treat examples
-  independently (it is called on one example, with a batch axis of 1). The
-  prior's diagonal is ``H 1`` for the built-in (separable) priors, else ``P``
-  prior Hessian-vector products.
+  independently (it is called on one example, with a batch axis of 1). It may
+  return a pytree (a tuple ``(mean, extra head)``, a dict of heads), each leaf
+  with its own leading batch axis: ``O`` then counts all of one example's
+  outputs, as in :func:`mlmap.ggn_vp`. The prior's diagonal is ``H 1`` for the
+  built-in (separable) priors, else ``P`` prior Hessian-vector products.
 
   Args:
     nlp: an :class:`mlmap.NegativeLogPosterior`.
@@ -250,6 +321,13 @@ def ggn_diagonal(nlp, params, inputs, targets, *, chunk_size=None):
 
   Returns:
     A pytree like ``params`` holding the diagonal.
+
+  Raises:
+    TypeError: ``nlp`` is not a negative log-posterior; a non-floating leaf in
+      ``params`` (named by its path); model state (flax ``batch_stats`` in
+      ``params`` or a ``mutable=`` result, named by collection).
+    ValueError: ``chunk_size`` not an integer >= 1; output leaves without a
+      common leading batch axis.
 
   References:
     Dangel, Kunstner and Hennig, "BackPACK: Packing more into backprop",
@@ -272,7 +350,8 @@ def fisher_diagonal(nlp, params, inputs, targets, *, output_fisher_vp=None,
 
   The output-space Fisher is the closed form of a built-in likelihood or
   ``output_fisher_vp`` (as in :func:`mlmap.fisher_vp`); an unrecognized
-  likelihood without it raises ``ValueError``.
+  likelihood without it raises ``ValueError``. Structured (pytree) outputs and
+  the other errors as in :func:`ggn_diagonal`.
 
   Returns:
     A pytree like ``params`` holding the diagonal.

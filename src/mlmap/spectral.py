@@ -7,6 +7,12 @@ probes are drawn. Extreme eigenpairs come from Lanczos, traces and diagonals
 from Hutchinson's estimator, and densities and log-determinants from
 stochastic Lanczos quadrature (SLQ). Stochastic estimates return their
 standard error next to the estimate.
+
+Checks at call time: ``like`` must have real floating leaves only (a
+``TypeError`` names each integer, bool or complex leaf by its path, as the
+curvature products do for ``params``), ``key`` must be a ``jax.random`` key,
+and the integer options (``num_probes``, ``num_steps``, ``k``, ``batch_size``)
+must be Python ints in range.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mlmap import _checks
+from mlmap.curvature import _check_key
 from mlmap.linalg import (_HIGHEST, _check_floating, _scalar_dtype, _check_int, _check_steps,
                           _flat_operator, _lanczos_flat, _random_like, tree_vdot,
                           tridiagonal)
@@ -42,8 +49,16 @@ def _size(like) -> int:
   return sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(like))
 
 
-def _check_probes(fn, like, num_probes, batch_size, minimum=2):
+def _check_like(fn, like):
+  """``like`` (usually params): floating leaves only, each named by path if not."""
+  _checks.check_float_leaves(fn, like, "like")
   _check_floating(fn, "like", like)
+
+
+def _check_probes(fn, like, num_probes, batch_size, minimum=2, key=None):
+  _check_like(fn, like)
+  if key is not None:
+    _check_key(fn, key)
   num_probes = _check_int(fn, "num_probes", num_probes, minimum)
   batch_size = 1 if batch_size is None else _check_int(fn, "batch_size", batch_size, 1)
   if num_probes % batch_size:
@@ -116,7 +131,8 @@ def hutchinson_trace(matvec: Callable, like, key, num_probes: int,
     algorithms for estimating the trace of an implicit symmetric positive
     semi-definite matrix", 2011.
   """
-  num_probes, batch_size = _check_probes("hutchinson_trace", like, num_probes, batch_size)
+  num_probes, batch_size = _check_probes("hutchinson_trace", like, num_probes, batch_size,
+                                         key=key)
   dtype = _scalar_dtype(like)
 
   def sample(k):
@@ -153,7 +169,7 @@ def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
     2007. Yao et al., "ADAHESSIAN", 2020, arXiv:2006.00719.
   """
   num_probes, batch_size = _check_probes("hutchinson_diagonal", like, num_probes,
-                                         batch_size)
+                                         batch_size, key=key)
 
   def sample(k):
     z = _random_like(like, k, "rademacher")
@@ -206,7 +222,8 @@ def lanczos_eigenvalues(matvec: Callable, like, key, k: int = 6,
   fn = "lanczos_eigenvalues"
   if which not in ("LA", "SA", "LM"):
     raise ValueError(f"{fn}: which must be 'LA', 'SA' or 'LM', got {which!r}.")
-  _check_floating(fn, "like", like)
+  _check_like(fn, like)
+  _check_key(fn, key)
   k = _check_int(fn, "k", k, 1)
   size = sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(like))
   if num_steps is None:
@@ -241,8 +258,8 @@ class SLQResult(NamedTuple):
   dimension: int
 
 
-def _slq_checks(fn, like, num_probes, num_steps, batch_size, minimum):
-  num_probes, batch_size = _check_probes(fn, like, num_probes, batch_size, minimum)
+def _slq_checks(fn, like, num_probes, num_steps, batch_size, minimum, key):
+  num_probes, batch_size = _check_probes(fn, like, num_probes, batch_size, minimum, key)
   num_steps = _check_steps(fn, like, num_steps)
   return num_probes, num_steps, batch_size
 
@@ -292,7 +309,7 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
     Moments and Quadrature with Applications", 2010.
   """
   num_probes, num_steps, batch_size = _slq_checks("slq_quadrature", like, num_probes,
-                                                  num_steps, batch_size, 1)
+                                                  num_steps, batch_size, 1, key)
   nodes, weights = lax.map(_slq_rule(matvec, like, num_steps),
                            jax.random.split(key, num_probes),
                            batch_size=None if batch_size == 1 else batch_size)
@@ -331,7 +348,11 @@ def spectral_density(matvec: Callable, like, key, num_probes: int, num_steps: in
     arXiv:1308.5467. Ubaru, Chen & Saad, 2017.
   """
   fn = "spectral_density"
+  _check_like(fn, like)
+  _check_key(fn, key)
   _checks.check_positive("sigma", sigma, fn)
+  if _checks.is_concrete(sigma) and not np.all(np.isfinite(np.asarray(sigma, float))):
+    raise ValueError(f"{fn}: sigma must be finite, got {sigma!r}.")
   grid = jnp.asarray(grid)
   _checks.check_float(fn, "grid", grid)
   rule = slq_quadrature(matvec, like, key, num_probes, num_steps, batch_size)
@@ -376,7 +397,7 @@ def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: i
     learning", 2017, arXiv:1711.03481.
   """
   num_probes, num_steps, batch_size = _slq_checks("stochastic_logdet", like, num_probes,
-                                                  num_steps, batch_size, 2)
+                                                  num_steps, batch_size, 2, key)
   rule = _slq_rule(matvec, like, num_steps)
   size = _size(like)
 
