@@ -82,6 +82,11 @@ from mlmap.laplace import log_evidence
 from mlmap.evidence import EvidenceHistory
 from mlmap.evidence import log_evidence_grad
 from mlmap.evidence import maximize_evidence
+# --- data sets (curvature summed over batches, the prior once) ---------------
+from mlmap.data import accumulate
+from mlmap.data import dataset_diagonal
+from mlmap.data import dataset_matvec
+from mlmap.data import dataset_value_and_grad
 # --- sharding ----------------------------------------------------------------
 from mlmap.sharding import batch_sharding
 from mlmap.sharding import make_mesh
@@ -117,6 +122,10 @@ __all__ = (
     "slq_quadrature",
     "spectral_density",
     "stochastic_logdet",
+    "accumulate",
+    "dataset_diagonal",
+    "dataset_matvec",
+    "dataset_value_and_grad",
     "batch_sharding",
     "make_mesh",
     "replicate",
