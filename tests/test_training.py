@@ -480,14 +480,14 @@ def test_corrupt_or_truncated_file_is_unreadable(tmp_path, kind):
 def _rewrite_header(path, edit):
   """Rewrite a checkpoint's JSON header with ``edit`` and a fresh digest."""
   import hashlib
-  from mlmap import training
+  from mlmap import _checkpoint
   data = pathlib.Path(path).read_bytes()
-  start = len(training._MAGIC) + 8
-  (hlen,) = struct.unpack("<Q", data[len(training._MAGIC):start])
+  start = len(_checkpoint._MAGIC) + 8
+  (hlen,) = struct.unpack("<Q", data[len(_checkpoint._MAGIC):start])
   header = json.loads(data[start:start + hlen])
   edit(header)
   new = json.dumps(header).encode()
-  body = training._MAGIC + struct.pack("<Q", len(new)) + new + data[start + hlen:-32]
+  body = _checkpoint._MAGIC + struct.pack("<Q", len(new)) + new + data[start + hlen:-32]
   pathlib.Path(path).write_bytes(body + hashlib.sha256(body).digest())
 
 

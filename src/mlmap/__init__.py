@@ -71,9 +71,9 @@ from mlmap.optimizers import nonlinear_cg
 from mlmap.training import FitResult
 from mlmap.training import StopTraining
 from mlmap.training import fit
-from mlmap.training import load_checkpoint
+from mlmap._checkpoint import load_checkpoint
 from mlmap.training import make_train_step
-from mlmap.training import save_checkpoint
+from mlmap._checkpoint import save_checkpoint
 # --- laplace -----------------------------------------------------------------
 from mlmap.laplace import EvidenceInfo
 from mlmap.laplace_posterior import LaplacePosterior
