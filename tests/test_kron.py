@@ -241,7 +241,9 @@ def _blocks(nlp, params, x, t):
     yield layer, f, approx[np.ix_(i, i)], exact[np.ix_(i, i)]
 
 
-@pytest.mark.parametrize("model", ["dict", "linen", "nnx"])
+# dict runs by default; the linen and NNX models (same math) with -m slow.
+@pytest.mark.parametrize("model", ["dict", pytest.param("linen", marks=pytest.mark.slow),
+                                   pytest.param("nnx", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("lik", ["categorical", "gaussian"])
 def test_mlp_blocks_exact_for_one_example(data, model, lik):
   """B = 1 (no shared axis): every layer's block is exactly A (x) G, any likelihood."""
@@ -263,7 +265,7 @@ def test_mlp_gaussian_last_layer_block_exact(data, model):
   _close(approx, exact)
 
 
-@pytest.mark.parametrize("model", ["dict", "linen"])
+@pytest.mark.parametrize("model", ["dict", pytest.param("linen", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("lik", ["categorical", "gaussian"])
 def test_mlp_block_traces(data, model, lik):
   r"""tr(A (x) G) = tr(A) tr(G) = (N/B)(1/B) sum_i |a_i|^2 sum_j tr G_j, while the
@@ -415,6 +417,7 @@ def test_conv_linear_gaussian_is_exact():
     _close(kron.kron_to_dense(f, params), _data_ggn(nlp, params, x, tt))
 
 
+@pytest.mark.slow
 def test_conv_nchw_layout_is_exact_and_patches_reproduce_the_conv():
   """A lax conv in NCHW/OIHW (a permuted view of the kernel), no bias."""
   x, _ = _conv_data()
