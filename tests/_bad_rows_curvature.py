@@ -153,7 +153,8 @@ _ROWS = [
     Case("cv-empirical-fisher-vp-tuple-outputs",
          _structured_call("tuple", mm.empirical_fisher_vp),
          (structured_problem("tuple")[1], _sv("tuple")),
-         check=_close_to(_structured_expected("tuple", "empirical", True))),
+         check=_close_to(_structured_expected("tuple", "empirical", True)),
+         modes=("jit",)),  # eager: test_curvature's structured-output tests
     Case("cv-empirical-fisher-vp-dict-outputs",
          _structured_call("dict", mm.empirical_fisher_vp),
          (structured_problem("dict")[1], _sv("dict")),
@@ -161,7 +162,8 @@ _ROWS = [
     Case("cv-ggn-diagonal-tuple-outputs",
          _structured_call("tuple", lambda nlp, p, v, x, y: mm.ggn_diagonal(nlp, p, x, y)),
          (structured_problem("tuple")[1], _sv("tuple")),
-         check=_close_to(_structured_expected("tuple", "ggn", False))),
+         check=_close_to(_structured_expected("tuple", "ggn", False)),
+         modes=("jit",)),
     Case("cv-fisher-diagonal-dict-outputs",
          _structured_call("dict", lambda nlp, p, v, x, y: mm.fisher_diagonal(
              nlp, p, x, y, output_fisher_vp=_OFVP)),

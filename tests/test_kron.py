@@ -302,6 +302,7 @@ def _temp_params():
   return {"net": dict_mlp_params(0), "temp": jnp.asarray(1.3)}
 
 
+@pytest.mark.slow  # K-FAC is private until the Laplace structures use it
 def test_uncovered_leaf_gets_exact_diagonal_and_vp_matches_dense(data):
   params = _temp_params()
   nlp = _data_nlp(_temp_mlp, mm.categorical_log_likelihood, num_data=30)
@@ -336,6 +337,7 @@ def test_kron_eigh_reconstructs_blocks(data):
 
 # --- batch accumulation ----------------------------------------------------------
 
+@pytest.mark.slow  # K-FAC is private until the Laplace structures use it
 def test_batches_that_partition_the_data_give_the_one_batch_factors():
   k = _keys(2, 21)
   n = 23

@@ -261,8 +261,11 @@ class TracedModel:
         l = site_at_op[k]
         acts[l] = invals[self._sites[l].x_pos]
       bind_params = e.prim.get_bind_params(e.params)
+      subfuns = ()
+      if isinstance(bind_params, tuple):  # jax < 0.7: (subfuns, params)
+        subfuns, bind_params = bind_params
       with e.eqn.ctx.manager:
-        ans = e.prim.bind(*invals, **bind_params)
+        ans = e.prim.bind(*subfuns, *invals, **bind_params)
       if not e.prim.multiple_results:
         ans = [ans]
       for i, val in zip(e.outs, ans):
