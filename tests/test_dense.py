@@ -47,6 +47,7 @@ def test_dense_forms_and_diagonals_equal_references(kind, scaled):
   assert not np.allclose(ref["hessian"], ref["ggn"], rtol=1e-3)
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_hessian_matrix_eager_chunk_sizes_and_args():
   def fun(params, a, b):
     return jnp.sum(jnp.sin(params["u"]) * a) * jnp.sum(params["v"] ** 3) + b * jnp.sum(

@@ -150,6 +150,7 @@ def test_unreached_map_warns(diabetes):
   assert not bool(info.converged)
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_total_derivative_matches_finite_differences_along_the_map_path():
   x, y, params = _sine_mlp_problem(seed=1, n=40, hidden=6, noise=0.2)
   hyper = {"sigma": 0.3, "prior_sigma": 0.8}

@@ -402,6 +402,7 @@ def _conv_data():
   return x, jax.random.normal(k[1], (4, 5, 5, 3))
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_conv_linear_gaussian_is_exact():
   """One flax nn.Conv, Gaussian on every output pixel: 'expand' K-FAC is exact.
 

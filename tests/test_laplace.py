@@ -50,6 +50,7 @@ def test_log_evidence_info_and_minibatch_scaling(blr):
   np.testing.assert_allclose(scaled, full, rtol=1e-12)
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_slq_log_evidence_matches_dense_within_its_standard_error():
   rng = np.random.default_rng(4)
   x = rng.uniform(-2, 2, size=(60, 1))

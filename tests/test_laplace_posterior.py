@@ -76,6 +76,7 @@ def test_samples_have_the_inverse_precision_as_covariance(key):
   assert np.all(np.abs(np.cov(flat.T) - cov) < 5 * se)
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_probit_predictive_for_bernoulli_and_categorical(key):
   rng = np.random.default_rng(3)
   x = rng.normal(size=(50, 2))

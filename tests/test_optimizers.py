@@ -476,6 +476,7 @@ def test_bad_arguments_raise(logistic):
     tx.update({"w": p0["w"]}, tx.init(p0), p0, batch=logistic["batch"])
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_float32_params_keep_float32_updates_and_state(softmax_iris):
   nlp = softmax_iris["nlp"]
   x, y = softmax_iris["batch"]

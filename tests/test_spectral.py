@@ -52,6 +52,7 @@ def _mlp_problem():
   return params, matvec, np.asarray(h), unravel
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_lanczos_eigenvalues_mlp_hessian_full_steps():
   params, matvec, h, unravel = _mlp_problem()
   p = h.shape[0]
@@ -166,6 +167,7 @@ def test_slq_full_steps_is_exact_gauss_quadrature():
   np.testing.assert_allclose(quad, exact, rtol=1e-9)
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_stochastic_logdet_matches_slogdet():
   n = 40
   a = _spd(n, 6, shift=0.5)

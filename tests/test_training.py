@@ -91,6 +91,7 @@ def test_step_does_not_retrace(make_tx):
   assert step._cache_size() == 1
 
 
+@pytest.mark.slow  # long; CI runs -m slow too
 def test_second_order_optimizer_through_train_step_converges():
   nlp, params, batch = _problem()
   tx = mm.newton(nlp)
