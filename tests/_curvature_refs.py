@@ -210,11 +210,8 @@ def _structured_references(kind, params, x, y):
 # --- model state and non-floating leaves -----------------------------------------
 
 def bn_problem():
-  """A flax model with BatchNorm: ``(model, variables, x, y)``; ``None`` without flax."""
-  try:
-    import flax.linen as nn
-  except ImportError:  # pragma: no cover - flax is a test dependency
-    return None
+  """A flax model with BatchNorm: ``(model, variables, x, y)`` (flax is a dependency)."""
+  import flax.linen as nn
 
   class BN(nn.Module):
     @nn.compact

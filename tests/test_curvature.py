@@ -80,7 +80,7 @@ def test_products_under_vmap_and_linearized_builders():
 
 
 def test_flax_model_ggn_and_hessian():
-  flax_nn = pytest.importorskip("flax.linen")
+  import flax.linen as flax_nn
 
   class MLP(flax_nn.Module):
     @flax_nn.compact
@@ -379,10 +379,7 @@ def test_non_floating_params_leaf_is_named(name):
 @pytest.mark.parametrize("how", ["mutable", "variables"])
 def test_flax_model_state_is_refused_naming_collection(name, how):
   """A BatchNorm model with mutable=["batch_stats"], or all variables as params."""
-  found = bn_problem()
-  if found is None:
-    pytest.skip("flax not installed")
-  model, variables, x, y = found
+  model, variables, x, y = bn_problem()
   nlp, params = bn_nlps(model, variables)[how]
   with pytest.raises(TypeError, match=rf"{name}: .*'batch_stats'.*not supported"):
     _PRODUCTS[name](nlp, params, params, x, y)

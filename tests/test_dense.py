@@ -199,10 +199,7 @@ def test_dense_names_non_floating_params_leaf(name):
 @pytest.mark.parametrize("name", sorted(set(_DENSE) - {"hessian_matrix"}))
 @pytest.mark.parametrize("how", ["mutable", "variables"])
 def test_dense_refuses_flax_model_state(name, how):
-  found = bn_problem()
-  if found is None:
-    pytest.skip("flax not installed")
-  model, variables, x, y = found
+  model, variables, x, y = bn_problem()
   nlp, params = bn_nlps(model, variables)[how]
   with pytest.raises(TypeError, match=rf"{name}: .*'batch_stats'.*not supported"):
     _DENSE[name](nlp, params, x, y)
