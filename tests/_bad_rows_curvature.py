@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 import mlmap as mm
 from mlmap import dense as _dense
 from _bad_rows import Case
-from _curvature_refs import (bn_nlps, bn_problem, mlp_apply, mlp_init, problem,
+from _curvature_refs import (DENSE_FORMS, bn_nlps, bn_problem, mlp_apply, mlp_init, problem,
                              structured_output_fisher, structured_problem,
                              structured_references, with_step_counter)
 
@@ -54,12 +54,7 @@ _INT_LEAF_CALLS = {
     "empirical_fisher_vp": lambda nlp, p, x, y: mm.empirical_fisher_vp(nlp, p, p, x, y),
     "empirical_fisher_vp_fn": lambda nlp, p, x, y: mm.empirical_fisher_vp_fn(nlp, p, x, y),
     "mc_fisher_vp": lambda nlp, p, x, y: mm.mc_fisher_vp(nlp, p, p, x, y, _KEY),
-    "hessian_matrix": lambda nlp, p, x, y: mm.hessian_matrix(nlp, p, x, y),
-    "ggn_matrix": mm.ggn_matrix,
-    "fisher_matrix": mm.fisher_matrix,
-    "empirical_fisher_matrix": mm.empirical_fisher_matrix,
-    "ggn_diagonal": mm.ggn_diagonal,
-    "fisher_diagonal": mm.fisher_diagonal,
+    **DENSE_FORMS,
 }
 
 _SPECTRAL_CALLS = {

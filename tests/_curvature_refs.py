@@ -239,3 +239,15 @@ def bn_nlps(model, variables):
 def with_step_counter(params):
   """``params`` plus an int step counter and a bool mask (not weights)."""
   return {**params, "step": jnp.array(1000), "mask": jnp.ones(3, bool)}
+
+
+# The dense forms and diagonals under one call shape ``(nlp, params, inputs, targets)``,
+# for the tests that run a check over all of them.
+DENSE_FORMS = {
+    "hessian_matrix": lambda nlp, p, x, y: mm.hessian_matrix(nlp, p, x, y),
+    "ggn_matrix": mm.ggn_matrix,
+    "fisher_matrix": mm.fisher_matrix,
+    "empirical_fisher_matrix": mm.empirical_fisher_matrix,
+    "ggn_diagonal": mm.ggn_diagonal,
+    "fisher_diagonal": mm.fisher_diagonal,
+}

@@ -13,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 import mlmap as mm
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from _curvature_refs import (KINDS, assert_close, bn_nlps, bn_problem, flat,  # noqa: E402
+from _curvature_refs import (DENSE_FORMS, KINDS, assert_close, bn_nlps, bn_problem, flat,  # noqa: E402
                              mlp_apply, mlp_init, problem, references,
                              structured_output_fisher, structured_problem,
                              structured_references, with_step_counter)
@@ -175,14 +175,7 @@ def test_output_blocks_of_a_tuple_match_the_flat_blocks():
     dense_lib._batch_ravel("ggn_diagonal", (jnp.zeros((3, 2)), jnp.zeros(4)))
 
 
-_DENSE = {
-    "hessian_matrix": lambda nlp, p, x, y: mm.hessian_matrix(nlp, p, x, y),
-    "ggn_matrix": mm.ggn_matrix,
-    "fisher_matrix": mm.fisher_matrix,
-    "empirical_fisher_matrix": mm.empirical_fisher_matrix,
-    "ggn_diagonal": mm.ggn_diagonal,
-    "fisher_diagonal": mm.fisher_diagonal,
-}
+_DENSE = DENSE_FORMS
 
 
 @pytest.mark.parametrize("name", sorted(_DENSE))
