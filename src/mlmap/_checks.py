@@ -51,6 +51,14 @@ def tree_all_finite(tree):
   return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
+def broadcasts_to(shape, target) -> bool:
+  """True when ``shape`` broadcasts *to* ``target`` without enlarging it."""
+  try:
+    return jnp.broadcast_shapes(tuple(target), tuple(shape)) == tuple(target)
+  except ValueError:
+    return False
+
+
 def check_targets_shape(fn: str, outputs, targets, what: str = "outputs") -> None:
   """Targets must broadcast *to* the outputs' shape, never enlarge it.
 
@@ -59,11 +67,7 @@ def check_targets_shape(fn: str, outputs, targets, what: str = "outputs") -> Non
   ``[B, B]`` and sum B^2 terms.
   """
   o, t = jnp.shape(outputs), jnp.shape(targets)
-  try:
-    b = jnp.broadcast_shapes(o, t)
-  except ValueError:
-    b = None
-  if b != tuple(o):
+  if not broadcasts_to(t, o):
     raise ValueError(
         f"{fn}: {what} shape {tuple(o)} and targets shape {tuple(t)} do not "
         f"match (targets must broadcast to the {what}' shape).")

@@ -31,11 +31,7 @@ def check_broadcasts_to(fn: str, name: str, x, outputs, what: str = "outputs") -
   would silently give a ``[B, B]`` result.
   """
   o, s = tuple(jnp.shape(outputs)), tuple(jnp.shape(x))
-  try:
-    b = jnp.broadcast_shapes(o, s)
-  except ValueError:
-    b = None
-  if b != o:
+  if not _checks.broadcasts_to(s, o):
     raise ValueError(
         f"{fn}: {name} shape {s} does not broadcast to the {what}' shape {o} "
         f"({name} may have the {what}' shape or fewer/unit axes, never more).")
