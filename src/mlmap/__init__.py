@@ -77,8 +77,11 @@ from mlmap._checkpoint import save_checkpoint
 # --- laplace -----------------------------------------------------------------
 from mlmap.laplace import EvidenceInfo
 from mlmap.laplace_posterior import LaplacePosterior
-from mlmap.laplace_posterior import laplace
-from mlmap.laplace import log_evidence
+from mlmap.laplace_structured import laplace
+from mlmap.laplace_structured import log_evidence
+from mlmap.structured_posterior import OptimizePriorInfo
+from mlmap.structured_posterior import StructuredPosterior
+from mlmap.subset import last_layer_subset
 from mlmap.evidence import EvidenceHistory
 from mlmap.evidence import log_evidence_grad
 from mlmap.evidence import maximize_evidence
@@ -157,6 +160,9 @@ __all__ = (
     "LaplacePosterior",
     "laplace",
     "log_evidence",
+    "OptimizePriorInfo",
+    "StructuredPosterior",
+    "last_layer_subset",
     "EvidenceHistory",
     "log_evidence_grad",
     "maximize_evidence",

@@ -22,9 +22,12 @@ from jax.flatten_util import ravel_pytree
 
 from mlmap import _checks
 from mlmap import dense as _dense
+from mlmap import _precisions
 from mlmap import linalg as _linalg
+from mlmap import structured_posterior as _sp
 from mlmap._fisher import builtin_likelihood
-from mlmap.laplace import (EvidenceInfo, _newton_decrement, _report, cg_status,
+from mlmap.laplace import (EvidenceInfo, _builtin_prior, _newton_decrement, _report,
+                           cg_status,
                            check_curvature, check_params, curvature_vp_fn, dense_parts)
 
 
@@ -80,7 +83,7 @@ def _warn_cg(fn, info, what):
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=("mean", "precision", "scale_tril", "positive_definite",
-                                "inputs", "targets", "cg_diagonal", "cg_info"),
+                                "inputs", "targets", "cg_diagonal", "cg_info", "nll"),
                    meta_fields=("nlp", "curvature", "cg_tol", "cg_maxiter"))
 @dataclasses.dataclass(frozen=True)
 class LaplacePosterior:
@@ -110,6 +113,8 @@ class LaplacePosterior:
       positive mean), or None (no preconditioner, or dense).
     cg_info: :class:`mlmap.CGInfo` of the matrix-free construction solve
       ``A^{-1} g`` (the Newton decrement), or None (dense).
+    nll: the data term ``nlp.data_term(mean, inputs, targets)`` at the MAP (what
+      :meth:`log_evidence` at another prior scale needs), or None.
   """
   mean: Any
   precision: Any
@@ -123,6 +128,7 @@ class LaplacePosterior:
   cg_diagonal: Any = None
   cg_info: Any = None
   cg_maxiter: Optional[int] = None
+  nll: Any = None
 
   @property
   def num_params(self) -> int:
@@ -176,6 +182,54 @@ class LaplacePosterior:
     z = jax.random.normal(key, (self.num_params, n), flat.dtype)
     x = jax.scipy.linalg.solve_triangular(self.scale_tril, z, lower=True, trans="T")
     return jax.vmap(unravel)(flat[None, :] + x.T)
+
+  def to_structured(self):
+    """This dense posterior as a ``"full"`` :class:`mlmap.StructuredPosterior`.
+
+    Its data term is ``H = A - diag(1/sigma_0^2)`` (the dense precision less the
+    Gaussian prior's), so the prior scale can change without recomputing it.
+
+    Raises:
+      ValueError: a matrix-free posterior, or a prior that is not a
+        ``functools.partial(mm.gaussian_log_prior, sigma=...)``.
+    """
+    fn = "LaplacePosterior.to_structured"
+    self._dense_only("to_structured")
+    sigma = _sp.gaussian_sigma(fn, self.nlp, _builtin_prior)
+    d = _precisions.flat_prior(_sp.leaf_precisions(fn, sigma, self.mean), self.mean)
+    h = self.precision - jnp.diag(d.astype(self.precision.dtype))
+    return _sp.StructuredPosterior(
+        mean=self.mean, precision=_precisions.DensePrecision(h, _precisions.leaf_shapes(self.mean)),
+        prior_sigma=sigma,
+        nll=self.nll, grad_norm=None, newton_decrement=None, diag_stderr=None,
+        optimize_info=None, nlp=self.nlp, sub_nlp=self.nlp, subset=None,
+        structure="full", curvature=self.curvature)
+
+  def log_evidence(self, prior_sigma=None):
+    r"""Laplace log evidence at the fixed MAP, at this or another Gaussian prior scale.
+
+    .. math::
+      \log p(D \mid \sigma_0) \approx \log p(D \mid w^*) + \log p(w^* \mid \sigma_0)
+        + \frac P2 \log 2\pi - \frac12 \log\det\big(H + \mathrm{diag}(\sigma_0^{-2})\big)
+
+    With ``prior_sigma=None`` this equals :func:`mlmap.log_evidence` (dense, at
+    ``nlp``'s prior). Another scale refactors ``H + D`` (``O(P^3)``); see
+    :meth:`to_structured`.
+    """
+    return self.to_structured().log_evidence(prior_sigma)
+
+  def optimize_prior(self, init=None, **kwargs):
+    """The posterior at the evidence-maximizing prior scale at the fixed MAP.
+
+    See :meth:`mlmap.StructuredPosterior.optimize_prior`; returns the ``"full"``
+    :class:`mlmap.StructuredPosterior` (:meth:`to_structured`) at that scale.
+    """
+    return self.to_structured().optimize_prior(init, **kwargs)
+
+  def structure_of(self):
+    """``{leaf path: "full"}``: every leaf in the one dense block."""
+    return {_checks.leaf_path(p): "full"
+            for p, _ in jax.tree_util.tree_flatten_with_path(self.mean)[0]}
 
   def glm_moments(self, inputs, full_cov=False, return_info=False):
     r"""Mean and variance of the linearized (GLM) network's outputs.
@@ -237,7 +291,9 @@ class LaplacePosterior:
         var = jnp.einsum("pbi,pbj->bij", v, v)
     return (out, var, info) if return_info else (out, var)
 
-  def predictive(self, inputs, likelihood=None, sigma=None, return_info=False):
+  def predictive(self, inputs, likelihood=None, sigma=None, return_info=False, *,
+                 link_approx="probit", pred_type="glm", num_samples=100, key=None,
+                 return_stderr=False):
     r"""Linearized-Laplace predictive distribution of the targets.
 
     .. math::
@@ -259,7 +315,13 @@ class LaplacePosterior:
       sigma: Gaussian noise scale added to the variance; by default the
         ``sigma`` bound in ``nlp.log_likelihood`` (1 when unbound).
       return_info: also return the CG info of :meth:`glm_moments` (None for a
-        dense posterior) as the last element.
+        dense posterior) as the last element (probit / Gaussian GLM only).
+      link_approx: ``"probit"`` (above), ``"mc"`` (Monte Carlo over the GLM
+        output Gaussian, ``num_samples`` draws with ``key``) or ``"bridge"``
+        (the Laplace bridge); see :meth:`mlmap.StructuredPosterior.predictive`.
+      pred_type: ``"glm"`` or ``"nn"`` (weight samples through the network; dense
+        posteriors only, and usually worse: Immer et al. 2021).
+      num_samples, key, return_stderr: of the Monte-Carlo predictives.
 
     Returns:
       ``(mean, variance)`` for ``"gaussian"``; probabilities ``p(t = 1)``
@@ -275,6 +337,11 @@ class LaplacePosterior:
       NeurIPS 2021, https://arxiv.org/abs/2106.14806.
     """
     fn = "LaplacePosterior.predictive"
+    if link_approx != "probit" or pred_type != "glm" or return_stderr:
+      if return_info:
+        raise ValueError(f"{fn}: return_info is for the probit GLM predictive.")
+      return _sp.predict(self, fn, inputs, likelihood, sigma, link_approx, pred_type,
+                         num_samples, key, return_stderr)
     keywords = {}
     if likelihood is None:
       found = builtin_likelihood(self.nlp.log_likelihood)
@@ -415,7 +482,9 @@ def laplace(nlp, params, inputs, targets, curvature="ggn", *, method="dense",
   info = EvidenceInfo(None, None, None, ok, jnp.linalg.norm(g),
                       jnp.where(ok, decrement, jnp.inf), status)
   _report(fn, curvature, ok, info, map_tol, a)
+  nll = nlp.data_term(params, inputs, targets) if hasattr(nlp, "data_term") else None
   return LaplacePosterior(mean=params, precision=a, scale_tril=chol, positive_definite=ok,
                           inputs=data[0], targets=data[1], nlp=nlp, curvature=curvature,
                           cg_tol=cg_tol, cg_diagonal=diag, cg_info=cg_info,
-                          cg_maxiter=None if cg_maxiter is None else int(cg_maxiter))
+                          cg_maxiter=None if cg_maxiter is None else int(cg_maxiter),
+                          nll=nll)
