@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mlmap import _checks
 from mlmap import kron
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -167,11 +166,13 @@ def _layer_spectrum(prec, l, layer, entries, vectors=True):
     return q, jnp.maximum(mu, 0)
 
   if db is None:
-    q, mu = uniform()
-  elif _checks.is_concrete(dw) and _checks.is_concrete(db):
-    q, mu = uniform() if bool(dw == db) else general()
-  else:
+    return (*uniform(), d_in)
+  try:  # concrete priors pick the branch in Python
+    same = bool(dw == db)
+  except jax.errors.ConcretizationTypeError:
     q, mu = lax.cond(dw == db, uniform, general)
+  else:
+    q, mu = uniform() if same else general()
   return q, mu, d_in
 
 

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from mlmap import _checks
 from mlmap import _precisions
 from mlmap import data as _data
 from mlmap import dense as _dense
