@@ -67,7 +67,10 @@ def check_dense_bytes(fn, num_params, dtype, max_bytes):
         f"matrix needs {need} bytes ({need / 1024**3:.3g} GiB), more than "
         f"max_bytes={max_bytes} ({max_bytes / 1024**3:.3g} GiB). Pass a larger "
         f"max_bytes= to {fn} if you have the memory, or use the matrix-free products "
-        "(mm.hvp, mm.ggn_vp, ...) with mm.cg / mm.lanczos.")
+        "(mm.hvp, mm.ggn_vp, ...) with mm.cg / mm.lanczos"
+        + (", or a structured posterior: structure='kron', 'diag' or 'lowrank' "
+           "(rank=k), or subset=mm.last_layer_subset(params)."
+           if fn in ("laplace", "log_evidence") else "."))
 
 
 def _dense_from_matvec(fn, matvec, params, chunk_size, max_bytes):

@@ -284,24 +284,28 @@ class StructuredPosterior:
       ``[B, O, O]`` covariance among each example's outputs with ``full_cov``.
     """
     fn = "StructuredPosterior.glm_moments"
+    self._leaf_prec(fn)  # checks the prior before any tracing
     flat, unravel = ravel_pytree(self.sub_mean)
-    leaf_prec = self._leaf_prec(fn)
     apply = self.sub_nlp.apply_fn
-
-    def one(x):
-      x1 = jax.tree_util.tree_map(lambda a: a[None], x)
-      f = lambda p: apply(unravel(p), x1)[0].reshape(-1)  # noqa: E731
-      out = f(flat)
-      jac = jax.jacrev(f)(flat) if out.size < flat.size else jax.jacfwd(f)(flat)
-      sol = jax.vmap(lambda r: _precisions.solve(self.precision, leaf_prec, r))(jac)
-      return out, jac @ sol.T
-
     out_shape = jax.eval_shape(lambda p: apply(unravel(p), inputs), flat).shape
-    num_out = math.prod(out_shape[1:])
+    num_out, b = math.prod(out_shape[1:]), out_shape[0]
     if chunk_size is None:
-      chunk_size = max(1, min(out_shape[0], (64 << 20) // max(
+      chunk_size = max(1, min(b, (64 << 20) // max(
           1, 2 * num_out * flat.size * flat.dtype.itemsize)))
-    out, cov = jax.lax.map(one, inputs, batch_size=int(chunk_size))
+    chunk_size = int(chunk_size)
+    leaves = jax.tree_util.tree_leaves(inputs)
+    if chunk_size >= b:
+      out, cov = _output_cov(self, inputs)
+    elif all(_checks.is_concrete(x) for x in leaves):
+      # A Python loop of jitted chunks, not lax.map: XLA:CPU runs a convolution
+      # inside a loop body many times slower than the same call outside one.
+      parts = [_output_cov_jit(self, jax.tree_util.tree_map(lambda a: a[i:i + chunk_size],
+                                                            inputs))
+               for i in range(0, b, chunk_size)]
+      out, cov = (jnp.concatenate([p[k] for p in parts]) for k in (0, 1))
+    else:
+      out, cov = jax.lax.map(lambda x: _output_cov_one(self, x), inputs,
+                             batch_size=chunk_size)
     mean = out.reshape(out_shape)
     if full_cov:
       return mean, cov
@@ -348,6 +352,26 @@ class StructuredPosterior:
     fn = "StructuredPosterior.predictive"
     return predict(self, fn, inputs, likelihood, sigma, link_approx, pred_type,
                    num_samples, key, return_stderr)
+
+
+def _output_cov_one(post, x):
+  """One example's outputs ``[O]`` and ``J Lambda^{-1} J^T`` ``[O, O]``."""
+  flat, unravel = ravel_pytree(post.sub_mean)
+  leaf_prec = post._leaf_prec("StructuredPosterior.glm_moments")
+  x1 = jax.tree_util.tree_map(lambda a: a[None], x)
+  f = lambda p: post.sub_nlp.apply_fn(unravel(p), x1)[0].reshape(-1)  # noqa: E731
+  out = f(flat)
+  jac = jax.jacrev(f)(flat) if out.size < flat.size else jax.jacfwd(f)(flat)
+  sol = jax.vmap(lambda r: _precisions.solve(post.precision, leaf_prec, r))(jac)
+  return out, jac @ sol.T
+
+
+def _output_cov(post, inputs):
+  """``(outputs [B, O], covariances [B, O, O])`` of a batch, vmapped over examples."""
+  return jax.vmap(lambda x: _output_cov_one(post, x))(inputs)
+
+
+_output_cov_jit = jax.jit(_output_cov)
 
 
 def resolve_likelihood(fn, nlp, likelihood, sigma):
