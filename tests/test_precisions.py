@@ -6,6 +6,17 @@ covariance ``S S^T`` from ``sample`` applied to the identity's columns),
 ``np.linalg.eigh`` (Lanczos), and ``kron.kron_to_dense`` for the Kronecker
 index map; gradients in the prior against the trace formula
 ``d logdet / d delta_j = sum_{i in leaf j} [(H + D)^{-1}]_{ii}``.
+
+Only under ``-m slow`` (variants of checks the default suite keeps): the
+Kronecker index map and ops on the linen model (the dict model has the
+non-identity weight_perm; linen stays in the default suite through the
+non-scalar-prior error test), and the dict ops cases ``scalar`` and
+``weight_ne_bias`` (both ``lax.cond`` branches run traced in the default
+``test_kron_jit_both_branches_and_prior_gradient``; ``weight_ne_bias`` adds the
+eager general branch, a few seconds of op-by-op ``eigh`` dispatch). Also slow:
+the Lanczos gap / numpy-matvec and invariant-subspace tests (each compiles the
+Lanczos step for its own size; Lanczos against ``eigh`` stays in the default
+suite through ``test_lanczos_full_rank_is_exact``).
 """
 
 import functools
@@ -182,6 +193,7 @@ def test_lanczos_full_rank_is_exact():
   _close(prec.eigvecs.T @ prec.eigvecs, np.eye(p))
 
 
+@pytest.mark.slow  # Lanczos vs eigh stays in default: test_lanczos_full_rank_is_exact
 def test_lanczos_gap_numpy_matvec_and_shapes():
   """Top eigenpairs past a clear gap; a matvec that leaves JAX (numpy) is fine."""
   p, k = 60, 5
@@ -204,6 +216,7 @@ def test_lanczos_gap_numpy_matvec_and_shapes():
   assert prec.shapes.shapes == ((6, 10),)
 
 
+@pytest.mark.slow  # Lanczos vs eigh stays in default: test_lanczos_full_rank_is_exact
 def test_lanczos_invariant_subspace_restarts():
   """rank(H) = 3 < steps: the Krylov space closes; restarts keep T exact and finite."""
   p = 20
@@ -265,12 +278,8 @@ def _data(n, seed=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _model(kind, n=4):
-  """Factors, params, precision and dense K-FAC of a 2-layer model (cached, jitted).
-
-  ``n = 4`` examples: the first layer's ``A`` (4 x 4) has full rank, the second's
-  (6 x 6 or 5 x 5) is rank deficient, so ``A~`` has repeated zero eigenvalues.
-  """
+def _kron_model(kind, n=4):
+  """Factors, params and precision of a 2-layer model (cached, jitted; no dense)."""
   x, t = _data(n)
   if kind == "dict":
     apply_fn, params = _mlp, _mlp_params()
@@ -282,6 +291,17 @@ def _model(kind, n=4):
                                   num_data=40)
   f = jax.jit(kron.kron_factors, static_argnums=0)(nlp, params, x, t)
   prec = jax.jit(pr.kron_precision)(f, params)
+  return f, params, prec
+
+
+@functools.lru_cache(maxsize=None)
+def _model(kind, n=4):
+  """Factors, params, precision and dense K-FAC of a 2-layer model (cached, jitted).
+
+  ``n = 4`` examples: the first layer's ``A`` (4 x 4) has full rank, the second's
+  (6 x 6 or 5 x 5) is rank deficient, so ``A~`` has repeated zero eigenvalues.
+  """
+  f, params, prec = _kron_model(kind, n)
   return f, params, prec, np.asarray(jax.jit(kron.kron_to_dense)(f, params))
 
 
@@ -299,7 +319,7 @@ def _kron_prior(params, weight, bias, uncovered):
   return tuple(out)
 
 
-@pytest.mark.parametrize("kind", ["dict", "linen"])
+@pytest.mark.parametrize("kind", ["dict", pytest.param("linen", marks=pytest.mark.slow)])
 def test_kron_index_map_matches_kron_to_dense(kind):
   f, params, prec, h = _model(kind)
   assert len(prec.index.layers) == 2 and len(prec.index.uncovered_index) >= 1
@@ -309,12 +329,23 @@ def test_kron_index_map_matches_kron_to_dense(kind):
   _close(jax.jit(pr.data_diagonal)(prec), np.diag(h))
   v = np.random.default_rng(8).normal(size=h.shape[0])
   unravel = ravel_pytree(params)[1]
-  _close(jax.jit(pr.matvec)(prec, None, v),
-         ravel_pytree(kron.kron_vp(f, params, unravel(jnp.asarray(v))))[0])
+  # The reference kron_vp jitted too: op by op it costs over a second here.
+  ref = jax.jit(lambda v: ravel_pytree(kron.kron_vp(f, params, unravel(v)))[0])
+  _close(jax.jit(pr.matvec)(prec, None, v), ref(jnp.asarray(v)))
 
 
-@pytest.mark.parametrize("kind", ["dict", "linen"])
-@pytest.mark.parametrize("case", ["scalar", "weight_ne_bias", "uncovered_arrays"])
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("kind, case", [
+    # Default: array priors on the uncovered leaves (eager: the uniform branch).
+    # Both branches under a traced prior: test_kron_jit_both_branches_...
+    ("dict", "uncovered_arrays"),
+    pytest.param("dict", "weight_ne_bias", marks=_SLOW),  # eager general branch
+    pytest.param("dict", "scalar", marks=_SLOW),
+    pytest.param("linen", "scalar", marks=_SLOW),
+    pytest.param("linen", "weight_ne_bias", marks=_SLOW),
+    pytest.param("linen", "uncovered_arrays", marks=_SLOW)])
 def test_kron_ops_against_dense(kind, case):
   _, params, prec, h = _model(kind)
   if case == "scalar":
@@ -377,7 +408,7 @@ def test_kron_jit_both_branches_and_prior_gradient():
 
 
 def test_kron_non_scalar_prior_on_covered_leaf_raises():
-  _, params, prec, _ = _model("linen")
+  _, params, prec = _kron_model("linen")
   lp = list(_kron_prior(params, 1.0, 1.0, lambda n, x: 1.0))
   paths = pr.leaf_shapes(params).paths
   j = paths.index("Dense_0/kernel")

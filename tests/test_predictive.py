@@ -1,4 +1,14 @@
-"""Tests of mlmap._predictive: probit, Monte Carlo, Laplace bridge, sample mixture."""
+"""Tests of mlmap._predictive: probit, Monte Carlo, Laplace bridge, sample mixture.
+
+Each new Monte Carlo setting (likelihood, shapes, num_samples, batch size) is
+a compile of about a second and a half here, so the default suite keeps one Monte
+Carlo comparison with numpy (categorical, full covariances, jitted with the key
+as an argument), batch-size independence at one chunked batch size, and every
+argument check. Only under ``-m slow``: the other comparisons with numpy
+(categorical from variances, Bernoulli, a singular PSD covariance), the zero-
+covariance exactness test, and batch-size independence at a batch size above
+num_samples.
+"""
 
 import functools
 
@@ -90,6 +100,7 @@ def test_monte_carlo_categorical_full_covariance_matches_numpy(key):
   _assert_mc_agrees(p2, se, ref, s)
 
 
+@pytest.mark.slow
 def test_monte_carlo_categorical_variances_match_numpy(key):
   rng = np.random.default_rng(3)
   mean, var = rng.normal(size=(2, 3)), rng.uniform(0.5, 3.0, size=(2, 3))
@@ -99,6 +110,7 @@ def test_monte_carlo_categorical_variances_match_numpy(key):
   _assert_mc_agrees(p, se, ref, 20000)
 
 
+@pytest.mark.slow
 def test_monte_carlo_bernoulli_matches_numpy(key):
   rng = np.random.default_rng(4)
   mean, var = rng.normal(size=(3, 2)) * 2, rng.uniform(0.1, 6.0, size=(3, 2))
@@ -108,6 +120,7 @@ def test_monte_carlo_bernoulli_matches_numpy(key):
   _assert_mc_agrees(p, se, ref, 20000)
 
 
+@pytest.mark.slow
 def test_monte_carlo_zero_covariance_is_the_link_of_the_mean_exactly(key):
   mean = jnp.asarray(np.random.default_rng(5).normal(size=(3, 4)))
   p, se = pr.monte_carlo("categorical", key, mean, jnp.zeros((3, 4, 4)), 500)
@@ -118,17 +131,18 @@ def test_monte_carlo_zero_covariance_is_the_link_of_the_mean_exactly(key):
   np.testing.assert_array_equal(se, 0.0)
 
 
-def test_monte_carlo_is_independent_of_batch_size(key):
+@pytest.mark.parametrize("batch_size", [300, pytest.param(5000, marks=pytest.mark.slow)])
+def test_monte_carlo_is_independent_of_batch_size(key, batch_size):
   rng = np.random.default_rng(6)
   mean, cov = rng.normal(size=(2, 3)), _correlated_cov(rng, 2, 3)
   ref = pr.monte_carlo("categorical", key, mean, cov, 1000)
-  for batch_size in (300, 5000):
-    got = jax.jit(lambda key, bs=batch_size: pr.monte_carlo(
-        "categorical", key, mean, cov, 1000, batch_size=bs))(key)
-    np.testing.assert_allclose(got[0], ref[0], rtol=1e-12)
-    np.testing.assert_allclose(got[1], ref[1], rtol=1e-9)
+  got = jax.jit(lambda key: pr.monte_carlo(
+      "categorical", key, mean, cov, 1000, batch_size=batch_size))(key)
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-12)
+  np.testing.assert_allclose(got[1], ref[1], rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_monte_carlo_psd_singular_covariance(key):
   # Rank-1 covariance: all mass on one direction; no Cholesky would exist.
   u = np.array([1.0, -2.0, 0.5])

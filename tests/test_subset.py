@@ -1,4 +1,12 @@
-"""Parameter subsets (mlmap.subset): split/merge, the sub-model objective, last layer."""
+"""Parameter subsets (mlmap.subset): split/merge, the sub-model objective, last layer.
+
+Only under ``-m slow``: the sub-model value/Hessian check with a per-leaf prior
+scale tree (the scalar-sigma case, same checks, stays in the default suite) and
+last_layer_subset on linen setup-named submodules / Sequential / nested trees
+(a real, eager init; linen stays in the default suite through the MLP, CNN and
+auto-index tests), and the nnx sub-model value evaluated op by op (the default
+suite evaluates the same comparison under jit).
+"""
 
 import functools
 
@@ -105,7 +113,7 @@ def test_restrict_scale(key):
   np.testing.assert_array_equal(r["hidden"]["w"], np.broadcast_to(sig_w, (2, 3))[_MASK_W])
   assert r["hidden"]["b"] is None and r["out"]["w"] == 3.0
   sub = s.split(params)
-  got = mm.gaussian_log_prior(sub, r)
+  got = jax.jit(lambda sub: mm.gaussian_log_prior(sub, r))(sub)  # jit: one compile, not op by op
   w = np.asarray(params["hidden"]["w"])[_MASK_W]
   ref = scipy.stats.norm.logpdf(w, 0.0, np.broadcast_to(sig_w, (2, 3))[_MASK_W]).sum()
   ref += scipy.stats.norm.logpdf(np.asarray(ravel_pytree(params["out"])[0]), 0.0, 3.0).sum()
@@ -122,7 +130,7 @@ def _nlp(sigma):
       functools.partial(mm.gaussian_log_prior, sigma=sigma), num_data=20)
 
 
-@pytest.mark.parametrize("sigma", [0.8, "tree"])
+@pytest.mark.parametrize("sigma", [0.8, pytest.param("tree", marks=pytest.mark.slow)])
 def test_sub_nlp_value_and_hessian_block(key, sigma):
   params = _params(key)
   x, y = _data(key)
@@ -179,7 +187,8 @@ def test_sub_nlp_bare_gaussian_prior_is_sigma_one(key):
                                            functools.partial(mm.gaussian_log_prior, sigma=1.0)),
                  s, params)
   sub = s.split(params)
-  np.testing.assert_allclose(a(sub, x, y), b(sub, x, y), rtol=1e-14)
+  got_a, got_b = jax.jit(lambda sub: (a(sub, x, y), b(sub, x, y)))(sub)  # one compile
+  np.testing.assert_allclose(got_a, got_b, rtol=1e-14)
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -316,6 +325,7 @@ def test_last_layer_linen_cnn():
   assert ss.last_layer_subset(params) == {"Conv_0": False, "Conv_1": False, "Dense_0": True}
 
 
+@pytest.mark.slow
 def test_last_layer_linen_named_submodules_and_sequential():
   # A real init: jax transforms (eval_shape, jit, tree_map) rebuild dicts with sorted keys.
   params = _Named().init(jax.random.PRNGKey(0), jnp.ones((1, 3)))["params"]
@@ -350,7 +360,10 @@ class _NNXList(nnx.Module):
     return x
 
 
-def test_last_layer_nnx_linear_mlp():
+@pytest.mark.parametrize("evaluate", [
+    "jit",  # one compile; op-by-op (eager) evaluation costs seconds here
+    pytest.param("eager", marks=pytest.mark.slow)])
+def test_last_layer_nnx_linear_mlp(evaluate):
   model = _NNXMLP(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   mask = ss.last_layer_subset(state)
@@ -367,9 +380,12 @@ def test_last_layer_nnx_linear_mlp():
       functools.partial(mm.gaussian_log_prior, sigma=1.0))
   x, y = jnp.ones((3, 2)), jnp.zeros(3)
   snlp = ss.sub_nlp(nlp, s, state)
-  np.testing.assert_allclose(
-      snlp(s.split(state), x, y),
-      nlp(state, x, y) + mm.gaussian_log_prior(state["l1"]), rtol=1e-6)
+
+  def both(st):
+    return snlp(s.split(st), x, y), nlp(st, x, y) + mm.gaussian_log_prior(st["l1"])
+
+  got, want = (jax.jit(both) if evaluate == "jit" else both)(state)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_last_layer_nnx_list_of_layers():
