@@ -294,17 +294,20 @@ class StructuredPosterior:
           1, 2 * num_out * flat.size * flat.dtype.itemsize)))
     chunk_size = int(chunk_size)
     leaves = jax.tree_util.tree_leaves(inputs)
+    factor = _dense_factor(self) if isinstance(self.precision,
+                                               _precisions.DensePrecision) else None
     if chunk_size >= b:
-      out, cov = _output_cov(self, inputs)
+      out, cov = _output_cov(self, factor, inputs)
     elif all(_checks.is_concrete(x) for x in leaves):
       # A Python loop of jitted chunks, not lax.map: XLA:CPU runs a convolution
       # inside a loop body many times slower than the same call outside one.
-      parts = [_output_cov_jit(self, jax.tree_util.tree_map(lambda a: a[i:i + chunk_size],
+      parts = [_output_cov_jit(self, factor, jax.tree_util.tree_map(
+                                   lambda a: a[i:i + chunk_size],
                                                             inputs))
                for i in range(0, b, chunk_size)]
       out, cov = (jnp.concatenate([p[k] for p in parts]) for k in (0, 1))
     else:
-      out, cov = jax.lax.map(lambda x: _output_cov_one(self, x), inputs,
+      out, cov = jax.lax.map(lambda x: _output_cov_one(self, factor, x), inputs,
                              batch_size=chunk_size)
     mean = out.reshape(out_shape)
     if full_cov:
@@ -354,21 +357,34 @@ class StructuredPosterior:
                    num_samples, key, return_stderr)
 
 
-def _output_cov_one(post, x):
-  """One example's outputs ``[O]`` and ``J Lambda^{-1} J^T`` ``[O, O]``."""
+@jax.jit
+def _dense_factor(post):
+  """Lower Cholesky factor of the dense ``Lambda = H + D``, computed once per call."""
+  d = _precisions.flat_prior(post._leaf_prec("StructuredPosterior.glm_moments"),
+                             post.sub_mean)
+  m = post.precision.matrix
+  return jnp.linalg.cholesky(m + jnp.diag(d.astype(m.dtype)))
+
+
+def _output_cov_one(post, factor, x):
+  """One example's outputs ``[O]`` and ``J Lambda^{-1} J^T`` ``[O, O]`` (``factor``:
+  the dense Cholesky factor, or None to solve against the structure)."""
   flat, unravel = ravel_pytree(post.sub_mean)
   leaf_prec = post._leaf_prec("StructuredPosterior.glm_moments")
   x1 = jax.tree_util.tree_map(lambda a: a[None], x)
   f = lambda p: post.sub_nlp.apply_fn(unravel(p), x1)[0].reshape(-1)  # noqa: E731
   out = f(flat)
   jac = jax.jacrev(f)(flat) if out.size < flat.size else jax.jacfwd(f)(flat)
+  if factor is not None:
+    v = jax.scipy.linalg.solve_triangular(factor, jac.T, lower=True)
+    return out, v.T @ v
   sol = jax.vmap(lambda r: _precisions.solve(post.precision, leaf_prec, r))(jac)
   return out, jac @ sol.T
 
 
-def _output_cov(post, inputs):
+def _output_cov(post, factor, inputs):
   """``(outputs [B, O], covariances [B, O, O])`` of a batch, vmapped over examples."""
-  return jax.vmap(lambda x: _output_cov_one(post, x))(inputs)
+  return jax.vmap(lambda x: _output_cov_one(post, factor, x))(inputs)
 
 
 _output_cov_jit = jax.jit(_output_cov)
