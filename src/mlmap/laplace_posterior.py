@@ -25,7 +25,6 @@ from mlmap import dense as _dense
 from mlmap import _precisions
 from mlmap import linalg as _linalg
 from mlmap import structured_posterior as _sp
-from mlmap._fisher import builtin_likelihood
 from mlmap.laplace import (EvidenceInfo, _builtin_prior, _newton_decrement, _report,
                            cg_status,
                            check_curvature, check_params, curvature_vp_fn, dense_parts)
@@ -342,20 +341,7 @@ class LaplacePosterior:
         raise ValueError(f"{fn}: return_info is for the probit GLM predictive.")
       return _sp.predict(self, fn, inputs, likelihood, sigma, link_approx, pred_type,
                          num_samples, key, return_stderr)
-    keywords = {}
-    if likelihood is None:
-      found = builtin_likelihood(self.nlp.log_likelihood)
-      if found is None or found[0] == "soft_categorical":
-        raise ValueError(f"{fn}: cannot tell the likelihood of {self.nlp.log_likelihood!r}; "
-                         "pass likelihood='gaussian', 'bernoulli' or 'categorical'.")
-      likelihood, keywords = found
-    if likelihood not in ("gaussian", "bernoulli", "categorical"):
-      raise ValueError(f"{fn}: likelihood must be 'gaussian', 'bernoulli' or "
-                       f"'categorical', got {likelihood!r}.")
-    if likelihood == "gaussian":
-      if sigma is None:
-        sigma = keywords.get("sigma", 1.0)
-      _checks.check_positive("sigma", sigma, fn)
+    likelihood, sigma = _sp.resolve_likelihood(fn, self.nlp, likelihood, sigma)
     mean, var, info = self._moments(inputs, False, True, fn)
     if likelihood == "gaussian":
       out = (mean, var + jnp.square(jnp.asarray(sigma, var.dtype)))
