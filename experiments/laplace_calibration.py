@@ -336,7 +336,7 @@ def evaluate_model(model_name, model, data, cfg, key, bar=None) -> tuple:
         probs = predict(post, nlp.apply_fn, params, sets, pred_kw, cfg,
                         jax.random.fold_in(pred_key, i))
       row.update(classification_metrics(probs[0], data["y_test"]),
-                 conf_rotated=float(probs[1].max(-1).mean()),
+                 conf_test=float(probs[0].max(-1).mean()), conf_rotated=float(probs[1].max(-1).mean()),
                  conf_noise=float(probs[2].max(-1).mean()), predict_seconds=t.seconds)
       bins[key_name] = [np.asarray(b) for b in calibration_bins(probs[0], data["y_test"])[1:]]
     rows[key_name] = row
@@ -368,19 +368,19 @@ def model_verdict(rows: dict) -> tuple:
 
 def table_lines(table: dict) -> list:
   """The markdown table of every model x method."""
-  header = ["model", "method", "P", "acc", "NLL", "ECE", "conf rotated", "conf noise",
-            "prior sigma", "converged", "build+tune (s)"]
+  header = ["model", "method", "P", "acc", "NLL", "ECE", "conf test", "conf rotated",
+            "conf noise", "prior sigma", "converged", "build+tune (s)"]
   out = []
   for model_name, rows in table.items():
     for r in rows.values():
       if r["status"] != "ok":
         out.append([model_name, r["method"], r["num_params"], r["status"].split(":")[0]]
-                   + ["-"] * 7)
+                   + ["-"] * 8)
         continue
       sigma = r["prior_sigma"]
       sigma = ("per-leaf" if isinstance(sigma, list) else sigma) if sigma is not None else "-"
       out.append([model_name, r["method"], r["num_params"], r["acc"], r["nll"], r["ece"],
-                  r["conf_rotated"], r["conf_noise"], sigma,
+                  r["conf_test"], r["conf_rotated"], r["conf_noise"], sigma,
                   "-" if r["converged"] is None else str(r["converged"]),
                   "-" if r["seconds"] is None else r["seconds"]])
   return _common.md_table(header, out)
@@ -448,7 +448,19 @@ def run(quick: bool, out_dir: Path, config=None) -> dict:
               f"{cfg['rank']}; mc {cfg['mc_samples']} samples, nn {cfg['nn_samples']}. "
               f"Gradient norm of the full-data objective at the MAP: {grads}. Times include "
               "compilation. " + " ".join(refusals + notes)]
-  summary = " ".join(notes)
+  ood = []
+  for m, rows in table.items():
+    best = min((k for k in GLM_TUNED if rows.get(k, {}).get("status") == "ok"),
+               key=lambda k: rows[k]["nll"], default=None)
+    if best is not None:
+      b, r = rows["map"], rows[best]
+      ood.append(f"{m}: the best tuned Laplace by NLL ({best}) has NLL {r['nll']:.3f} vs MAP "
+                 f"{b['nll']:.3f}, ECE {r['ece']:.3f} vs {b['ece']:.3f}, mean confidence "
+                 f"{r['conf_test']:.3f} at accuracy {r['acc']:.3f} (MAP {b['conf_test']:.3f} "
+                 f"at {b['acc']:.3f}); on rotated digits {r['conf_rotated']:.3f} vs "
+                 f"{b['conf_rotated']:.3f}, on noise {r['conf_noise']:.3f} vs "
+                 f"{b['conf_noise']:.3f}.")
+  summary = " ".join(ood + notes)
   numbers = dict(config=cfg, table=table, good_methods={m: g for m, (g, _) in verdicts.items()},
                  failures={m: w for m, (_, w) in verdicts.items()},
                  reliability_bins={m: {k: dict(confidence=v[0], accuracy=v[1], count=v[2])
