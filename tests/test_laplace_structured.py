@@ -492,7 +492,8 @@ def test_optimize_prior_is_the_scipy_optimum(cls_mlp, cls_posts, structure):
 def test_optimize_prior_compiles_once(cls_mlp, caplog):
   """Two posteriors of the same shapes (same nlp, two data sets): the second
   ``optimize_prior`` call compiles nothing named like the prior search (the
-  first does: a fresh nlp, so no earlier test's compilation is reused)."""
+  first does: a ``maxiter`` no other test uses, so no earlier compilation is
+  reused)."""
   _, apply_fn, params, x, y = cls_mlp
   nlp = mm.negative_log_posterior(
       apply_fn, mm.categorical_log_likelihood,
@@ -506,7 +507,7 @@ def test_optimize_prior_compiles_once(cls_mlp, caplog):
     for post in posts:
       caplog.clear()
       with caplog.at_level(logging.WARNING):
-        best = post.optimize_prior()
+        best = post.optimize_prior(maxiter=37)
         jax.block_until_ready(best.prior_sigma)
       counts.append(sum("optimize" in r.getMessage() for r in caplog.records))
   assert counts[0] >= 1 and counts[1] == 0, counts

@@ -50,6 +50,8 @@ def _ops(prec, leaf_prec, v, vs):
       matvec=pr.matvec(prec, leaf_prec, v), hv=pr.matvec(prec, None, v),
       # Columns S e_i: S S^T must be the covariance exactly.
       s=jax.vmap(lambda z: pr.sample(prec, leaf_prec, z))(jnp.eye(p, dtype=v.dtype)).T,
+      # Rows S^T e_i, stacked: the same S.
+      w=jax.vmap(lambda e: pr.whiten(prec, leaf_prec, e))(jnp.eye(p, dtype=v.dtype)),
       vsolve=jax.vmap(lambda x: pr.solve(prec, leaf_prec, x))(vs),
       diag=pr.data_diagonal(prec))
 
@@ -70,6 +72,7 @@ def _check_ops(prec, leaf_prec, h_dense, d, seed=0):
   _close(out["hv"], h_dense @ v)
   s = np.asarray(out["s"])
   _close(s @ s.T, np.linalg.inv(lam))
+  _close(out["w"], s)  # whiten is S^T for the same S as sample
   _close(out["vsolve"], np.linalg.solve(lam, vs.T).T)
   _close(out["diag"], np.diag(h_dense))
 
@@ -425,3 +428,23 @@ def test_kron_non_scalar_prior_on_covered_leaf_raises():
     pr.logdet(prec, jnp.ones(pr.leaf_shapes(params).size))
   with pytest.raises(TypeError, match="factors must be KronFactors"):
     pr.kron_precision(prec, params)
+
+
+def test_spectrum_is_the_dense_eigenvalues():
+  """``spectrum`` of each structure equals numpy's ``eigvalsh`` of its dense ``H``
+  (sorted), and ``sum log(s + delta)`` is the dense ``logdet`` at a scalar prior:
+  the one-scale prior search relies on both."""
+  h = np.random.default_rng(1).uniform(0, 2, size=SHAPES.size)
+  u, lam = _random_lowrank(SHAPES.size, 5)
+  _, _, kron_prec, kron_h = _model("dict")
+  cases = [(pr.DiagPrecision(jnp.asarray(h), SHAPES), np.diag(h)),
+           (pr.DensePrecision(jnp.asarray(_psd(SHAPES.size, 7, 2)), SHAPES),
+            _psd(SHAPES.size, 7, 2)),
+           (pr.LowRankPrecision(jnp.asarray(u), jnp.asarray(lam), SHAPES), (u * lam) @ u.T),
+           (kron_prec, kron_h)]
+  for prec, dense in cases:
+    s = np.sort(np.asarray(jax.jit(pr.spectrum)(prec)))
+    ref = np.linalg.eigvalsh(dense)
+    assert s.shape == ref.shape, type(prec).__name__
+    np.testing.assert_allclose(s, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+    _close(np.sum(np.log(s + 0.3)), pr.logdet(prec, 0.3))

@@ -196,7 +196,8 @@ def _kron_spectra(prec, entries):
 
 
 def _kron_apply(prec, entries, spectra, v, power):
-  r"""``power=-1``: :math:`(H+D)^{-1} v`; ``-0.5``: :math:`S v`, :math:`S S^\top = (H+D)^{-1}`.
+  r"""``power=-1``: :math:`(H+D)^{-1} v`; ``-0.5``: :math:`S v`, :math:`S S^\top = (H+D)^{-1}`;
+  ``0.5``: :math:`S^\top v`.
 
   Per layer :math:`H_l + D_l = \Sigma(\tilde A \otimes G + I)\Sigma`,
   :math:`\Sigma = D_{in}^{1/2} \otimes I`, so with both factors diagonalized
@@ -206,6 +207,8 @@ def _kron_apply(prec, entries, spectra, v, power):
     q, mu, d_in = spectra[l]
     r, lam = prec.g_eigvecs[l], jnp.outer(mu, prec.g_eigvals[l]) + 1
     s = jnp.sqrt(d_in)[:, None]
+    if power == 0.5:  # S^T v: the coordinates stay the eigenbasis's
+      return _dot(q.T, _dot(m / s, r)) / jnp.sqrt(lam)
     if power == -1:
       m = _dot(q.T, _dot(m / s, r)) / lam
     else:

@@ -249,6 +249,42 @@ def sample(prec, leaf_prec, z):
   return _lowrank_sample(_lowrank_w(prec, d), z) / jnp.sqrt(d)
 
 
+def whiten(prec, leaf_prec, v):
+  r"""``S^T v`` for the square root ``S`` of :func:`sample` (:math:`S S^\top = (H + D)^{-1}`).
+
+  So :math:`a^\top (H + D)^{-1} b = \langle S^\top a, S^\top b\rangle`: one
+  transform per vector instead of a solve (for Kronecker one pair of products
+  per layer, not two). The result is in ``S``'s coordinates (the factors'
+  eigenbasis for Kronecker), not the parameters'.
+
+  .. math::
+    \text{dense: } L^{-1} v; \quad
+    \text{low rank: } (I + W W^\top)^{-1/2} D^{-1/2} v; \quad
+    \text{Kronecker: } (\mu\gamma^\top + 1)^{-1/2}(Q \otimes R)^\top \Sigma^{-1} v
+
+  Args:
+    prec: a precision (see :func:`logdet`).
+    leaf_prec: the prior precision.
+    v: ``[P]`` (vmap for several).
+
+  Returns:
+    ``[P]``.
+  """
+  fn = "whiten"
+  _check_prec(fn, prec)
+  v = _check_vector(fn, "v", prec, v)
+  if isinstance(prec, KronPrecision):
+    entries = _kron_prior(fn, prec, leaf_prec, v.dtype)
+    return _kron_apply(prec, entries, _kron_spectra(prec, entries), v, 0.5)
+  d = _flat_d(fn, prec, leaf_prec)
+  if isinstance(prec, DiagPrecision):
+    return v / jnp.sqrt(prec.diag + d)
+  if isinstance(prec, DensePrecision):
+    chol = jnp.linalg.cholesky(prec.matrix + jnp.diag(d))
+    return jsl.solve_triangular(chol, v, lower=True)
+  return _lowrank_sample(_lowrank_w(prec, d), v / jnp.sqrt(d))
+
+
 def data_diagonal(prec):
   r""":math:`\mathrm{diag}(H)`, ``[P]``.
 
@@ -263,6 +299,29 @@ def data_diagonal(prec):
   if isinstance(prec, LowRankPrecision):
     return _dot(prec.eigvecs * prec.eigvecs, prec.eigvals)
   return _kron_diagonal(prec)
+
+
+def spectrum(prec):
+  r"""The eigenvalues of the data term ``H``, ``[P]`` (in no particular order).
+
+  Diagonal: the diagonal; dense: ``eigvalsh`` (``O(P^3)``, once); low rank: the
+  ``k`` stored eigenvalues and ``P - k`` zeros; Kronecker: per block the products
+  :math:`\alpha_i\gamma_j` of the factors' eigenvalues, and the stored diagonal of
+  the uncovered leaves. With one prior precision :math:`\delta` on every entry,
+  :math:`\log\det(H + \delta I) = \sum_i \log(s_i + \delta)`: the evidence's
+  search over one scale needs nothing else.
+  """
+  _check_prec("spectrum", prec)
+  if isinstance(prec, DiagPrecision):
+    return prec.diag
+  if isinstance(prec, DensePrecision):
+    return jnp.linalg.eigvalsh(prec.matrix)
+  if isinstance(prec, LowRankPrecision):
+    p, k = jnp.shape(prec.eigvecs)
+    return jnp.concatenate([prec.eigvals, jnp.zeros((p - k,), prec.eigvals.dtype)])
+  parts = [jnp.outer(a, g).reshape(-1) for a, g in zip(prec.a_eigvals, prec.g_eigvals)]
+  parts += [jnp.ravel(d) for d in prec.diagonal]
+  return jnp.concatenate(parts)
 
 
 def to_dense(prec):

@@ -243,12 +243,19 @@ def _output_blocks(output_vp, outputs, fn="curvature"):
   return jnp.transpose(cols, (1, 2, 0))  # [i, row, col]
 
 
+CPU_CHUNK = 2  # examples per vmapped block on CPU by default (bench_chunk_size.py)
+
+
 def _diagonal_chunks(b, o, flat, chunk_size, fn):
   """Example indices ``[C, c]`` and 0/1 weights padding ``B`` to ``C * c``."""
   if chunk_size is None:
     # Each example holds O parameter-sized rows: keep a chunk near 256 MiB.
     per_example = o * flat.size * flat.dtype.itemsize
     chunk_size = max(1, min(b, (256 * 1024**2) // max(per_example, 1)))
+    if jax.default_backend() == "cpu":
+      # XLA:CPU runs wider chunks slower, a convolution's many times slower
+      # (a grouped convolution): experiments/bench_chunk_size.py.
+      chunk_size = min(chunk_size, CPU_CHUNK)
   chunk_size = min(_check_chunk(fn, chunk_size), b)
   num_chunks = -(-b // chunk_size)
   idx = jnp.arange(num_chunks * chunk_size)
@@ -305,7 +312,8 @@ def ggn_diagonal(nlp, params, inputs, targets, *, chunk_size=None):
   Each example's output-space Hessian (``O x O``) is eigendecomposed and ``O``
   per-example vector-Jacobian products give the rows :math:`J_i^\top u_{ik}`:
   ``B * O`` backward passes of one example, ``chunk_size`` examples at a time
-  (default: as many as fit in about 256 MiB). That is about 530 gradients for an
+  (default: as many as fit in about 256 MiB, at most 2 on CPU, where wider
+  blocks run slower: ``experiments/bench_chunk_size.py``). That is about 530 gradients for an
   MLP 784-512-512-10 at batch 512 on CPU (``experiments/bench_curvature.py``
   workload): recompute it rarely, or use ``mm.hutchinson_diagonal`` for an
   unbiased estimate at a few products per probe. ``apply_fn`` must treat examples

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from mlmap import _checks
+from mlmap import dense as _dense
 from mlmap import _precisions
 from mlmap import _predictive
 from mlmap import priors as _priors
@@ -202,7 +203,12 @@ class StructuredPosterior:
     autodiff of the closed form; a gradient step where the Hessian is not
     negative definite; backtracking to an increase), compiled once as one
     ``lax.while_loop``. This is laplace-torch's
-    ``optimize_prior_precision(method="marglik")``.
+    ``optimize_prior_precision(method="marglik")``. With one shared scale the
+    evidence depends on ``H`` only through its eigenvalues
+    (:func:`mlmap._precisions.spectrum`: free for diag / low rank / Kronecker,
+    one ``eigvalsh`` for dense), so each step is ``O(P)`` and the program is
+    the same small one for every structure; a per-subtree search steps through
+    :meth:`log_evidence` (a dense one refactors ``P x P`` every step).
 
     Args:
       init: the starting scale and the shape of the search: a scalar (one
@@ -232,7 +238,13 @@ class StructuredPosterior:
     if tol is None:
       tol = 1e-9 if dtype == jnp.float64 else 1e-5
     self._leaf_prec(fn, init)  # a bad tree fails here, not inside the loop
-    theta, info = _optimize_log_sigma(self, theta0, treedef, maxiter, float(tol))
+    if len(leaves) == 1:  # one scale on every covered entry: the evidence is a
+      flat = ravel_pytree(self.sub_mean)[0]  # function of the spectrum of H
+      theta, info = _optimize_one_scale(_spectrum(self.precision), jnp.vdot(flat, flat),
+                                        jnp.asarray(self.nll, dtype), theta0, maxiter,
+                                        float(tol))
+    else:
+      theta, info = _optimize_log_sigma(self, theta0, treedef, maxiter, float(tol))
     sigma = jax.tree_util.tree_unflatten(treedef, list(jnp.exp(theta)))
     return dataclasses.replace(self.with_prior(sigma), optimize_info=info)
 
@@ -276,8 +288,9 @@ class StructuredPosterior:
 
     with ``J`` the Jacobian of the outputs in the covered parameters, one
     example's ``[O, P]`` rows at a time (``chunk_size`` examples vmapped,
-    default to keep about 64 MiB of Jacobian rows), each row solved against
-    the structured precision.
+    default to keep about 64 MiB of Jacobian rows, and at most 2 on CPU unless
+    the precision is dense: ``experiments/bench_chunk_size.py``), each row whitened by the structured
+    precision's square root (``S^T J^T``, :func:`mlmap._precisions.whiten`).
 
     Returns:
       ``(mean, var)`` shaped like the outputs ``[B, ...]``, or ``var`` the
@@ -289,13 +302,17 @@ class StructuredPosterior:
     apply = self.sub_nlp.apply_fn
     out_shape = jax.eval_shape(lambda p: apply(unravel(p), inputs), flat).shape
     num_out, b = math.prod(out_shape[1:]), out_shape[0]
+    factor = _dense_factor(self) if isinstance(self.precision,
+                                               _precisions.DensePrecision) else None
     if chunk_size is None:
       chunk_size = max(1, min(b, (64 << 20) // max(
           1, 2 * num_out * flat.size * flat.dtype.itemsize)))
+      if factor is None and jax.default_backend() == "cpu":
+        # Wider blocks run slower there; a dense factor, read once per block
+        # by the triangular solve, wants them wide (bench_chunk_size.py).
+        chunk_size = min(chunk_size, _dense.CPU_CHUNK)
     chunk_size = int(chunk_size)
     leaves = jax.tree_util.tree_leaves(inputs)
-    factor = _dense_factor(self) if isinstance(self.precision,
-                                               _precisions.DensePrecision) else None
     if chunk_size >= b:
       out, cov = _output_cov(self, factor, inputs)
     elif all(_checks.is_concrete(x) for x in leaves):
@@ -378,8 +395,8 @@ def _output_cov_one(post, factor, x):
   if factor is not None:
     v = jax.scipy.linalg.solve_triangular(factor, jac.T, lower=True)
     return out, v.T @ v
-  sol = jax.vmap(lambda r: _precisions.solve(post.precision, leaf_prec, r))(jac)
-  return out, jac @ sol.T
+  v = jax.vmap(lambda r: _precisions.whiten(post.precision, leaf_prec, r))(jac)
+  return out, v @ v.T  # J S S^T J^T, S S^T = Lambda^{-1}
 
 
 def _output_cov(post, factor, inputs):
@@ -443,6 +460,9 @@ def predict(post, fn, inputs, likelihood, sigma, link_approx, pred_type, num_sam
   return out
 
 
+_spectrum = jax.jit(_precisions.spectrum)
+
+
 def _newton_direction(grad, hess):
   """Saddle-free Newton ascent direction ``V |L|^{-1} V^T g`` (Dauphin et al. 2014):
   the Newton step where ``hess`` is negative definite, an ascent direction
@@ -459,6 +479,32 @@ def _optimize_log_sigma(post, theta0, treedef, maxiter, tol):
     sigma = jax.tree_util.tree_unflatten(treedef, list(jnp.exp(theta)))
     return post.log_evidence(sigma)
 
+  return _newton_maximize(f, theta0, maxiter, tol)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _optimize_one_scale(spectrum, sq_norm, nll, theta0, maxiter, tol):
+  r"""The same search for one shared scale, on the closed form in the spectrum ``s``.
+
+  .. math::
+    \log p(D \mid \sigma_0 = e^{\theta}) = -\mathrm{nll} - \tfrac12\|w^*\|^2 e^{-2\theta}
+      - P\theta - \tfrac12 \textstyle\sum_i \log(s_i + e^{-2\theta})
+
+  (the prior's and the Laplace term's ``P/2 log 2 pi`` cancel): ``O(P)`` per
+  step, and one small program for every structure.
+  """
+  p = spectrum.shape[0]
+
+  def f(theta):
+    t = theta[0]
+    delta = jnp.exp(-2 * t)
+    return -nll - 0.5 * sq_norm * delta - p * t - 0.5 * jnp.sum(jnp.log(spectrum + delta))
+
+  return _newton_maximize(f, theta0, maxiter, tol)
+
+
+def _newton_maximize(f, theta0, maxiter, tol):
+  """Saddle-free Newton with backtracking on a smooth ``f(theta)`` (traced, not jitted)."""
   value_grad = jax.value_and_grad(f)
   hess = jax.hessian(f)
 
