@@ -2,13 +2,13 @@
 
     python experiments/run_all.py [--quick | --full] [--out DIR] [--only NAME ...]
 
-Runs each ``experiments/claim_*.py`` (default ``--quick``) with a progress bar,
-each isolated: an experiment that raises is reported (with the end of its
-traceback) and the others still run. Writes ``DIR/report.md`` (one section per
-claim: the claim, the measured numbers, the verdict, the figure),
-``DIR/results.json`` and the PNG figures. Exit code 0 only if every selected
-experiment ran; 1 if any failed or could not run (e.g. a library function it
-needs is missing: "not run: <reason>").
+Runs each ``experiments/claim_*.py`` and ``experiments/laplace_calibration.py``
+(default ``--quick``) with a progress bar, each isolated: an experiment that
+raises is reported (with the end of its traceback) and the others still run.
+Writes ``DIR/report.md`` (one section per claim: the claim, the measured
+numbers, the verdict, the figure), ``DIR/results.json`` and the PNG figures.
+Exit code 0 only if every selected experiment ran; 1 if any failed or could not
+run (e.g. a library function it needs is missing: "not run: <reason>").
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ CLAIMS = (
     ("5b", "claim_evidence"),
     ("6", "claim_second_order"),
     ("7", "claim_empirical_fisher"),
+    ("8", "laplace_calibration"),
 )
 
 
