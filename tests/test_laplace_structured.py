@@ -134,6 +134,31 @@ def test_kron_equals_full_for_one_linear_gaussian_layer(linear):
   assert set(kinds.values()) == {"kron:Dense_0/kernel"}, kinds
 
 
+def test_kron_equals_full_for_one_linear_gaussian_conv_with_one_output_position():
+  """A flax ``nn.Conv`` (3x3 kernel, VALID) on 3x3 images has one output position:
+  it is a Dense layer on the flattened patch, so under a Gaussian likelihood its
+  Grosse-Martens factors are exact. ``mm.laplace(structure="kron")`` finds the
+  convolution in the traced computation (no registration) and its evidence,
+  GLM variances and dense precision equal the dense formula's to 1e-8."""
+  import flax.linen as nn
+  module = nn.Conv(3, (3, 3), padding="VALID")
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(R.N_DATA, 3, 3, 2))
+  y = rng.normal(size=(R.N_DATA, 3))
+  apply_fn = lambda p, x: module.apply({"params": p}, x).reshape(x.shape[0], -1)  # noqa: E731
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                  module.init(jax.random.PRNGKey(1), x[:1])["params"])
+  nlp = R.gaussian_nlp(apply_fn)
+  post = mm.laplace(nlp, params, x, y, structure="kron", map_tol=None)
+  assert set(post.structure_of().values()) == {"kron:kernel"}, post.structure_of()
+  ref = R.dense_evidence("gaussian", apply_fn, params, x, y)
+  assert _rel(post.log_evidence(), ref) < 1e-8, (post.log_evidence(), ref)
+  lam = R.data_ggn("gaussian", apply_fn, params, x) + np.diag(R.prior_precision(params))
+  _close(R.dense_from_vp(post.precision_vp, params), lam, 1e-8)
+  xs = rng.normal(size=(4, 3, 3, 2))
+  _close(post.glm_moments(xs)[1], R.glm_variances(apply_fn, params, xs, lam), 1e-8)
+
+
 def test_kron_on_an_mlp_is_exact_on_the_gaussian_last_layer_only(reg_mlp):
   """'expand' K-FAC on a 2-layer tanh MLP. Exact where it must be: the last
   layer's block under a Gaussian likelihood (its output factor ``I / sigma^2`` is
