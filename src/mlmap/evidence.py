@@ -9,6 +9,7 @@ the Cholesky log-determinant) for any other positive hyperparameter.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
@@ -368,21 +369,72 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs=None, targ
   if noise_key is not None and not hasattr(nlp0, "apply_fn"):
     raise TypeError(f"{fn}: the noise update needs an mlmap.NegativeLogPosterior, "
                     f"got {type(nlp0).__name__}.")
-  for name, value in (("num_iterations", num_iterations), ("fit_steps", fit_steps)):
-    if not isinstance(value, int) or value < (1 if name == "num_iterations" else 0):
-      raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}.")
+  _check_counts(fn, num_iterations, fit_steps)
+  groups = None
   if prior_key is not None:
     unpenalized = _none_scale_paths(fn, hyper[prior_key], params)
     if unpenalized:
       raise _improper_error(fn, f"hyper[{prior_key!r}] (None leaves)", unpenalized)
     ids, num_groups = _prior_groups(fn, hyper[prior_key], params)
-    ids_j = jnp.asarray(ids)
-    counts = jnp.asarray(np.bincount(ids[ids >= 0], minlength=num_groups), float)
+    groups = (jnp.asarray(ids), jnp.asarray(
+        np.bincount(ids[ids >= 0], minlength=num_groups), float), num_groups)
   grad_keys = tuple(k for k in hyper if k not in (prior_key, noise_key))
   if make_optimizer is None:
     make_optimizer = _optimizers.newton
   adam = optax.adam(learning_rate)
+  setup = _DenseSetup(make_nlp, inputs, targets, curvature, max_bytes, prior_key,
+                      noise_key, grad_keys, groups, adam, total_derivative)
+  refit = jax.jit(_dense_refit(make_nlp, make_optimizer, inputs, targets, fit_steps))
+  return _dense_loop(fn, setup, refit, make_optimizer(nlp0), hyper, params,
+                     num_iterations, tol, map_tol)
 
+
+def _dense_loop(fn, setup, refit, tx0, hyper, params, num_iterations, tol, map_tol):
+  """Refit, evaluate, update until the update changes no log hyperparameter by ``tol``."""
+  evaluate = jax.jit(functools.partial(_dense_evaluate, setup))
+  hyper = jax.tree_util.tree_map(lambda x: jnp.asarray(x, float), hyper)
+  adam_state = setup.adam.init({k: _tree_log(hyper[k]) for k in setup.grad_keys})
+  opt_state = tx0.init(params)
+  records, hypers, converged = [], [], jnp.asarray(False)
+  for t in range(num_iterations):
+    params, opt_state = refit(hyper, params, opt_state)
+    new, adam_state, stats, change = evaluate(hyper, params, adam_state)
+    if t == 0 and _checks.is_concrete(stats[4]) and not bool(stats[4]):
+      raise ValueError(f"{fn}: the {setup.curvature} curvature is not positive definite at "
+                       "the first refit: the optimizer did not reach a MAP (raise "
+                       "fit_steps, or use curvature='ggn' with a proper prior).")
+    records.append(stats)
+    hypers.append(hyper)
+    converged = (change < tol) & stats[5] & (stats[3] <= map_tol if map_tol else True)
+    if _checks.is_concrete(converged) and bool(converged):
+      break
+    if t < num_iterations - 1:
+      hyper = new  # invalid parts of the update already kept their old values
+  info = _history(records, hypers, converged)
+  dec = info.newton_decrement[-1]
+  if map_tol is not None and _checks.is_concrete(dec) and float(dec) > map_tol:
+    warnings.warn(f"{fn}: the last refit is far from a MAP (Newton decrement "
+                  f"{float(dec):.3g} nats > map_tol={map_tol:g}); raise fit_steps.",
+                  stacklevel=3)
+  return hyper, params, info
+
+
+class _DenseSetup(NamedTuple):
+  """What the dense evaluation step closes over (static for ``jax.jit``)."""
+  make_nlp: Any
+  inputs: Any
+  targets: Any
+  curvature: str
+  max_bytes: Any
+  prior_key: Any
+  noise_key: Any
+  grad_keys: tuple
+  groups: Any  # (ids [P], counts [G], G) or None
+  adam: Any
+  total_derivative: bool
+
+
+def _dense_refit(make_nlp, make_optimizer, inputs, targets, fit_steps):
   def refit(h, p, opt_state):
     # The optimizer state (e.g. Newton's adapted damping) carries over from the
     # previous refit: only the hyperparameters changed.
@@ -395,105 +447,98 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs=None, targ
       u, s = tx.update(g, s, p, batch=(inputs, targets))
       return (optax.apply_updates(p, u), s), None
     return jax.lax.scan(body, (p, opt_state), None, length=fit_steps)[0]
+  return refit
 
-  def evaluate(h, p, adam_state):
-    p = jax.lax.stop_gradient(p)
-    log_other = {k: _tree_log(h[k]) for k in grad_keys}
-    (_, (value, chol, ok, g)), grads = jax.value_and_grad(_log_ev, has_aux=True)(
-        log_other, make_nlp, h, p, inputs, targets, curvature, max_bytes)
-    nlp = make_nlp(h)
-    if grad_keys and total_derivative:
-      grads = _add_implicit_term(grads, make_nlp, log_other, h, p, inputs, targets,
-                                 curvature, max_bytes)
-    # Traced hyperparameters cannot raise: a non-positive one (or a non-finite
-    # evidence) only flags the iteration and leaves every value unchanged.
-    positive = jnp.all(jnp.asarray([jnp.all(x > 0) for x in jax.tree_util.tree_leaves(h)]))
-    ok = ok & positive & jnp.isfinite(value)
-    eye = jnp.eye(chol.shape[0], dtype=chol.dtype)
-    linv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
-    diag_cov = jnp.sum(linv * linv, axis=0)
-    decrement = 0.5 * jnp.sum(jnp.square(linv @ g))
-    new, valid = dict(h), ok
-    num_params = chol.shape[0]
-    # gamma = tr(A^{-1} H_data) = P - tr(A^{-1} H_prior), for any prior.
-    h_prior = _dense.hessian_matrix(nlp.prior_term, p, max_bytes=max_bytes)
-    gamma = num_params - jnp.sum((linv @ h_prior) * linv)
-    if prior_key is not None:
-      leaves, treedef = jax.tree_util.tree_flatten(h[prior_key])
-      sig = jnp.concatenate([jnp.ravel(jnp.asarray(s, chol.dtype)) for s in leaves])
-      alpha = 1.0 / jnp.square(sig)
-      w = ravel_pytree(p)[0]
-      mask = ids_j >= 0
-      seg = jnp.where(mask, ids_j, 0)
-      tr = jax.ops.segment_sum(jnp.where(mask, diag_cov, 0.0), seg, num_groups)
-      w2 = jax.ops.segment_sum(jnp.where(mask, w * w, 0.0), seg, num_groups)
-      gamma_g = counts - alpha * tr
-      ok_g = ok & (gamma_g > 0) & (w2 > 0)
-      valid = valid & jnp.all(ok_g)
-      sig_new = jnp.where(ok_g, jnp.sqrt(w2 / jnp.where(ok_g, gamma_g, 1.0)), sig)
-      sizes = np.cumsum([np.size(s) for s in leaves])[:-1]
-      parts = jnp.split(sig_new, sizes)
-      new[prior_key] = jax.tree_util.tree_unflatten(
-          treedef, [jnp.reshape(q, jnp.shape(s)) for q, s in zip(parts, leaves)])
-    if noise_key is not None:
-      out = nlp.apply_fn(p, inputs)
-      resid = jnp.broadcast_to(targets, jnp.shape(out)) - out
-      scale = nlp.scale(inputs)
-      sse = scale * jnp.sum(resid * resid)
-      dof = scale * resid.size - gamma
-      # With the exact Hessian the data curvature can be indefinite at a MAP
-      # and gamma leave [0, P]: then the fixed point is undefined.
-      ok_n = ok & (dof > 0) & (sse > 0) & (gamma >= 0) & (gamma <= num_params)
-      valid = valid & ok_n
-      new[noise_key] = jnp.where(ok_n, jnp.sqrt(sse / jnp.where(ok_n, dof, 1.0)),
-                                 jnp.asarray(h[noise_key], chol.dtype))
-    if grad_keys:
-      finite = ok & jnp.all(jnp.asarray(
-          [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(grads)]))
-      neg = jax.tree_util.tree_map(lambda x: -jnp.where(finite, x, 0.0), grads)
-      upd, adam_state = adam.update(neg, adam_state)
-      log_new = optax.apply_updates(log_other, upd)
-      for k in grad_keys:
-        new[k] = jax.tree_util.tree_map(jnp.exp, log_new[k])
-      valid = valid & finite
-    change = jnp.max(jnp.asarray([0.0] + [
-        jnp.max(jnp.abs(jnp.log(a) - jnp.log(b)))
-        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(h))]))
-    stats = (jnp.where(ok, value, -jnp.inf), gamma, jnp.linalg.norm(g),
-             jnp.where(ok, decrement, jnp.inf), ok, valid)
-    return new, adam_state, stats, change
 
-  hyper = jax.tree_util.tree_map(lambda x: jnp.asarray(x, float), hyper)
-  refit_j, evaluate_j = jax.jit(refit), jax.jit(evaluate)
-  adam_state = adam.init({k: _tree_log(hyper[k]) for k in grad_keys})
-  opt_state = make_optimizer(nlp0).init(params)
-  records, hypers, converged = [], [], jnp.asarray(False)
-  for t in range(num_iterations):
-    params, opt_state = refit_j(hyper, params, opt_state)
-    new, adam_state, stats, change = evaluate_j(hyper, params, adam_state)
-    if t == 0 and _checks.is_concrete(stats[4]) and not bool(stats[4]):
-      raise ValueError(f"{fn}: the {curvature} curvature is not positive definite at "
-                       "the first refit: the optimizer did not reach a MAP (raise "
-                       "fit_steps, or use curvature='ggn' with a proper prior).")
-    records.append(stats)
-    hypers.append(hyper)
-    converged = (change < tol) & stats[5] & (stats[3] <= map_tol if map_tol else True)
-    if _checks.is_concrete(converged) and bool(converged):
-      break
-    if t < num_iterations - 1:
-      hyper = new  # invalid parts of the update already kept their old values
-  cols = [jnp.stack(c) for c in zip(*records)]
-  info = EvidenceHistory(
-      log_evidence=cols[0], hyper=jax.tree_util.tree_map(lambda *x: jnp.stack(x), *hypers),
-      gamma=cols[1], grad_norm=cols[2], newton_decrement=cols[3],
-      positive_definite=cols[4], valid_update=cols[5], num_iterations=len(records),
-      converged=converged)
-  dec = cols[3][-1]
-  if map_tol is not None and _checks.is_concrete(dec) and float(dec) > map_tol:
-    warnings.warn(f"{fn}: the last refit is far from a MAP (Newton decrement "
-                  f"{float(dec):.3g} nats > map_tol={map_tol:g}); raise fit_steps.",
-                  stacklevel=2)
-  return hyper, params, info
+def _dense_prior_update(groups, sigma_tree, p, diag_cov, ok, dtype):
+  """MacKay's step for the prior groups: ``(new scale tree, all valid)``."""
+  ids_j, counts, num_groups = groups
+  leaves, treedef = jax.tree_util.tree_flatten(sigma_tree)
+  sig = jnp.concatenate([jnp.ravel(jnp.asarray(s, dtype)) for s in leaves])
+  alpha = 1.0 / jnp.square(sig)
+  w = ravel_pytree(p)[0]
+  mask = ids_j >= 0
+  seg = jnp.where(mask, ids_j, 0)
+  tr = jax.ops.segment_sum(jnp.where(mask, diag_cov, 0.0), seg, num_groups)
+  w2 = jax.ops.segment_sum(jnp.where(mask, w * w, 0.0), seg, num_groups)
+  gamma_g = counts - alpha * tr
+  ok_g = ok & (gamma_g > 0) & (w2 > 0)
+  sig_new = jnp.where(ok_g, jnp.sqrt(w2 / jnp.where(ok_g, gamma_g, 1.0)), sig)
+  sizes = np.cumsum([np.size(s) for s in leaves])[:-1]
+  parts = jnp.split(sig_new, sizes)
+  new = jax.tree_util.tree_unflatten(
+      treedef, [jnp.reshape(q, jnp.shape(s)) for q, s in zip(parts, leaves)])
+  return new, jnp.all(ok_g)
+
+
+def _dense_noise_update(nlp, p, inputs, targets, gamma, num_params, noise, ok, dtype):
+  """MacKay's step for the Gaussian noise scale: ``(new scale, valid)``."""
+  out = nlp.apply_fn(p, inputs)
+  resid = jnp.broadcast_to(targets, jnp.shape(out)) - out
+  scale = nlp.scale(inputs)
+  sse = scale * jnp.sum(resid * resid)
+  dof = scale * resid.size - gamma
+  # With the exact Hessian the data curvature can be indefinite at a MAP
+  # and gamma leave [0, P]: then the fixed point is undefined.
+  ok_n = ok & (dof > 0) & (sse > 0) & (gamma >= 0) & (gamma <= num_params)
+  return jnp.where(ok_n, jnp.sqrt(sse / jnp.where(ok_n, dof, 1.0)),
+                   jnp.asarray(noise, dtype)), ok_n
+
+
+def _dense_ascent(setup, grads, log_other, adam_state, ok):
+  """Adam on ``log h`` for the gradient-ascent entries: ``(new values, state, valid)``."""
+  finite = ok & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(grads)]))
+  neg = jax.tree_util.tree_map(lambda x: -jnp.where(finite, x, 0.0), grads)
+  upd, adam_state = setup.adam.update(neg, adam_state)
+  log_new = optax.apply_updates(log_other, upd)
+  return ({k: jax.tree_util.tree_map(jnp.exp, log_new[k]) for k in setup.grad_keys},
+          adam_state, finite)
+
+
+def _dense_evaluate(setup, h, p, adam_state):
+  """Evidence, ``gamma`` and every update at ``(h, p)``, dense (one Cholesky)."""
+  st = setup
+  p = jax.lax.stop_gradient(p)
+  log_other = {k: _tree_log(h[k]) for k in st.grad_keys}
+  (_, (value, chol, ok, g)), grads = jax.value_and_grad(_log_ev, has_aux=True)(
+      log_other, st.make_nlp, h, p, st.inputs, st.targets, st.curvature, st.max_bytes)
+  nlp = st.make_nlp(h)
+  if st.grad_keys and st.total_derivative:
+    grads = _add_implicit_term(grads, st.make_nlp, log_other, h, p, st.inputs, st.targets,
+                               st.curvature, st.max_bytes)
+  # Traced hyperparameters cannot raise: a non-positive one (or a non-finite
+  # evidence) only flags the iteration and leaves every value unchanged.
+  positive = jnp.all(jnp.asarray([jnp.all(x > 0) for x in jax.tree_util.tree_leaves(h)]))
+  ok = ok & positive & jnp.isfinite(value)
+  eye = jnp.eye(chol.shape[0], dtype=chol.dtype)
+  linv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+  diag_cov = jnp.sum(linv * linv, axis=0)
+  decrement = 0.5 * jnp.sum(jnp.square(linv @ g))
+  new, valid = dict(h), ok
+  num_params = chol.shape[0]
+  # gamma = tr(A^{-1} H_data) = P - tr(A^{-1} H_prior), for any prior.
+  h_prior = _dense.hessian_matrix(nlp.prior_term, p, max_bytes=st.max_bytes)
+  gamma = num_params - jnp.sum((linv @ h_prior) * linv)
+  if st.prior_key is not None:
+    new[st.prior_key], ok_p = _dense_prior_update(st.groups, h[st.prior_key], p, diag_cov,
+                                                  ok, chol.dtype)
+    valid = valid & ok_p
+  if st.noise_key is not None:
+    new[st.noise_key], ok_n = _dense_noise_update(nlp, p, st.inputs, st.targets, gamma,
+                                                  num_params, h[st.noise_key], ok,
+                                                  chol.dtype)
+    valid = valid & ok_n
+  if st.grad_keys:
+    ascended, adam_state, finite = _dense_ascent(st, grads, log_other, adam_state, ok)
+    new.update(ascended)
+    valid = valid & finite
+  change = jnp.max(jnp.asarray([0.0] + [
+      jnp.max(jnp.abs(jnp.log(a) - jnp.log(b)))
+      for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(h))]))
+  stats = (jnp.where(ok, value, -jnp.inf), gamma, jnp.linalg.norm(g),
+           jnp.where(ok, decrement, jnp.inf), ok, valid)
+  return new, adam_state, stats, change
 
 
 def _check_counts(fn, num_iterations, fit_steps):
