@@ -30,6 +30,7 @@ structure, any prefix tree and any subset use one code path.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -88,6 +89,7 @@ def _groups_terms(post, sigma):
   return n, a, b
 
 
+@jax.jit
 def _prior_update(post, sigma):
   """MacKay's step for the prior scales: ``(new sigma, sum gamma, all valid)``."""
   n, a, b = _groups_terms(post, sigma)
@@ -104,14 +106,20 @@ def _prior_update(post, sigma):
   return new, total, valid
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _batch_sse(apply_fn, params, inputs, targets):
+  out = apply_fn(params, inputs)
+  resid = jnp.broadcast_to(targets, jnp.shape(out)) - out
+  return jnp.sum(resid * resid), math.prod(jnp.shape(resid))
+
+
 def _sse(nlp, params, data):
   """``(sum of squared residuals, number of target entries)`` over ``data``."""
   total, count = 0.0, 0
   for inputs, targets in _data._batches(_CALL, data):
-    out = nlp.apply_fn(params, inputs)
-    resid = jnp.broadcast_to(targets, jnp.shape(out)) - out
-    total = total + jnp.sum(resid * resid)
-    count += math.prod(jnp.shape(resid))
+    sse, size = _batch_sse(nlp.apply_fn, params, inputs, targets)
+    total = total + sse
+    count += int(size)
   return total, count
 
 
