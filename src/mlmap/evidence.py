@@ -27,7 +27,8 @@ from mlmap.laplace import (_improper_error, _none_scale_paths, check_curvature,
                            check_params, check_proper_prior, dense_parts)
 from mlmap import optimizers as _optimizers
 from mlmap import data as _data
-from mlmap.evidence_structured import check_structured, maximize_structured
+from mlmap.evidence_structured import (_batch_sse, check_structured, maximize_structured,
+                                       noise_step)
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -473,16 +474,10 @@ def _dense_prior_update(groups, sigma_tree, p, diag_cov, ok, dtype):
 
 def _dense_noise_update(nlp, p, inputs, targets, gamma, num_params, noise, ok, dtype):
   """MacKay's step for the Gaussian noise scale: ``(new scale, valid)``."""
-  out = nlp.apply_fn(p, inputs)
-  resid = jnp.broadcast_to(targets, jnp.shape(out)) - out
-  scale = nlp.scale(inputs)
-  sse = scale * jnp.sum(resid * resid)
-  dof = scale * resid.size - gamma
-  # With the exact Hessian the data curvature can be indefinite at a MAP
-  # and gamma leave [0, P]: then the fixed point is undefined.
-  ok_n = ok & (dof > 0) & (sse > 0) & (gamma >= 0) & (gamma <= num_params)
-  return jnp.where(ok_n, jnp.sqrt(sse / jnp.where(ok_n, dof, 1.0)),
-                   jnp.asarray(noise, dtype)), ok_n
+  sse, entries = _batch_sse(nlp.apply_fn, p, inputs, targets)
+  scale = nlp.scale(inputs)  # a minibatch counts N / B times
+  return noise_step(scale * sse, scale * entries, gamma, jnp.asarray(noise, dtype), ok,
+                    num_params)
 
 
 def _dense_ascent(setup, grads, log_other, adam_state, ok):

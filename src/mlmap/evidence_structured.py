@@ -113,6 +113,16 @@ def _batch_sse(apply_fn, params, inputs, targets):
   return jnp.sum(resid * resid), math.prod(jnp.shape(resid))
 
 
+def noise_step(sse, entries, gamma, noise, ok, num_params):
+  """MacKay's Gaussian-noise step ``sigma^2 <- SSE / (entries - gamma)``: ``(new, valid)``.
+
+  Undefined (the old ``noise`` kept, ``valid`` False) unless there are degrees of
+  freedom left and ``0 <= gamma <= P`` (the exact Hessian can leave that range)."""
+  dof = entries - gamma
+  ok_n = ok & (dof > 0) & (sse > 0) & (gamma >= 0) & (gamma <= num_params)
+  return jnp.where(ok_n, jnp.sqrt(sse / jnp.where(ok_n, dof, 1.0)), noise), ok_n
+
+
 def _sse(nlp, params, data):
   """``(sum of squared residuals, number of target entries)`` over ``data``."""
   total, count = 0.0, 0
@@ -170,11 +180,9 @@ def maximize_structured(make_nlp, hyper, params, data, *, structure, subset, cur
     new[prior_key], gamma, valid = _prior_update(post, hyper[prior_key])
     if noise_key is not None:
       sse, count = _sse(nlp, params, data)
-      dof = count - gamma
-      ok_n = (dof > 0) & (sse > 0) & (gamma >= 0)
+      new[noise_key], ok_n = noise_step(sse, count, gamma, hyper[noise_key], True,
+                                        post.num_params)
       valid = valid & ok_n
-      new[noise_key] = jnp.where(ok_n, jnp.sqrt(sse / jnp.where(ok_n, dof, 1.0)),
-                                 hyper[noise_key])
     ok = jnp.isfinite(value)
     valid = valid & ok
     records.append((jnp.where(ok, value, -jnp.inf), gamma, post.grad_norm,
