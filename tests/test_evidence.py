@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import jax
 import jax.numpy as jnp
-from sklearn.datasets import load_diabetes
-from sklearn.linear_model import BayesianRidge
 
 import mlmap as mm
 
@@ -18,18 +16,6 @@ def _make_linear_nlp(hyper, num_data=None):
       functools.partial(mm.gaussian_log_likelihood, sigma=hyper["sigma"]),
       functools.partial(mm.gaussian_log_prior, sigma=hyper["prior_sigma"]),
       num_data=num_data)
-
-
-@pytest.fixture(scope="module")
-def diabetes():
-  x, y = load_diabetes(return_X_y=True)
-  x = (x - x.mean(0)) / x.std(0)
-  y = (y - y.mean()) / y.std()
-  # No hyperpriors (lambda_1 = ... = 0): BayesianRidge then runs MacKay's
-  # updates on exactly our model, y ~ N(X w, 1/alpha_), w ~ N(0, 1/lambda_).
-  ridge = BayesianRidge(fit_intercept=False, tol=1e-15, max_iter=100000, alpha_1=0.0,
-                        alpha_2=0.0, lambda_1=0.0, lambda_2=0.0).fit(x, y)
-  return x, y, ridge
 
 
 @pytest.mark.parametrize("mode", ["fixed_point", "gradient"])

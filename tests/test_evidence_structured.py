@@ -10,8 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sklearn.datasets import load_diabetes
-from sklearn.linear_model import BayesianRidge
 
 import mlmap as mm
 import _structured_refs as R
@@ -24,16 +22,6 @@ def _make_nlp(hyper, num_data=None):
       functools.partial(mm.gaussian_log_likelihood, sigma=hyper["sigma"]),
       functools.partial(mm.gaussian_log_prior, sigma=hyper["prior_sigma"]),
       num_data=num_data)
-
-
-@pytest.fixture(scope="module")
-def diabetes():
-  x, y = load_diabetes(return_X_y=True)
-  x = (x - x.mean(0)) / x.std(0)
-  y = (y - y.mean()) / y.std()
-  ridge = BayesianRidge(fit_intercept=False, tol=1e-15, max_iter=100000, alpha_1=0.0,
-                        alpha_2=0.0, lambda_1=0.0, lambda_2=0.0).fit(x, y)
-  return jnp.asarray(x), jnp.asarray(y), ridge
 
 
 @pytest.mark.parametrize("structure, extra", [("kron", {}), ("lowrank", {"rank": 10}),

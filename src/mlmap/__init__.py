@@ -85,6 +85,8 @@ from mlmap.subset import last_layer_subset
 from mlmap.evidence import EvidenceHistory
 from mlmap.evidence import log_evidence_grad
 from mlmap.evidence import maximize_evidence
+from mlmap.evidence_online import FitEvidenceResult
+from mlmap.evidence_online import fit_evidence
 # --- data sets (curvature summed over batches, the prior once) ---------------
 from mlmap.data import accumulate
 from mlmap.data import dataset_diagonal
@@ -166,6 +168,8 @@ __all__ = (
     "EvidenceHistory",
     "log_evidence_grad",
     "maximize_evidence",
+    "fit_evidence",
+    "FitEvidenceResult",
     "FitResult",
     "StopTraining",
     "fit",

@@ -324,6 +324,25 @@ def spectrum(prec):
   return jnp.concatenate(parts)
 
 
+def scale(prec, c):
+  r"""The data term :math:`cH` in the same structure (``c > 0`` a scalar): ``O(P)``.
+
+  The Gaussian likelihood's curvature is :math:`J^\top J / \sigma^2`, so a new
+  noise scale :math:`\sigma` multiplies a stored ``H`` by
+  :math:`\sigma_{\mathrm{old}}^2/\sigma^2` without a pass over the data.
+  Kronecker: :math:`A \otimes cG` (the ``G`` eigenvalues and the diagonal blocks).
+  """
+  _check_prec("scale", prec)
+  if isinstance(prec, DiagPrecision):
+    return prec._replace(diag=c * prec.diag)
+  if isinstance(prec, DensePrecision):
+    return prec._replace(matrix=c * prec.matrix)
+  if isinstance(prec, LowRankPrecision):
+    return prec._replace(eigvals=c * prec.eigvals)
+  return prec._replace(g_eigvals=tuple(c * g for g in prec.g_eigvals),
+                       diagonal=tuple(c * d for d in prec.diagonal))
+
+
 def to_dense(prec):
   """``H`` as a dense ``(P, P)`` matrix in ``ravel_pytree`` order.
 

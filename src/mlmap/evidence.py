@@ -27,8 +27,8 @@ from mlmap.laplace import (_improper_error, _none_scale_paths, check_curvature,
                            check_params, check_proper_prior, dense_parts)
 from mlmap import optimizers as _optimizers
 from mlmap import data as _data
-from mlmap.evidence_structured import (_batch_sse, check_structured, maximize_structured,
-                                       noise_step)
+from mlmap._evidence_terms import _batch_sse
+from mlmap.evidence_structured import check_structured, maximize_structured, noise_step
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -229,7 +229,7 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs=None, targ
                       learning_rate=0.05, tol=1e-8, map_tol=1e-2,
                       total_derivative=False, max_bytes=_dense.DEFAULT_MAX_BYTES,
                       structure="full", subset=None, data=None, rank=None,
-                      diag_method="exact", num_samples=None, key=None):
+                      diag_method="exact", num_samples=None, key=None, fixed_point=True):
   r"""Maximize the Laplace log evidence over hyperparameters, refitting the MAP.
 
   Each outer iteration refits ``params`` to the MAP of ``make_nlp(hyper)``
@@ -285,8 +285,11 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs=None, targ
   :func:`mlmap.laplace` with the same ``structure`` / ``subset`` / ``data``
   (``rank``, ``diag_method``, ``num_samples``, ``key``, ``max_bytes`` passed
   on), and the fixed point reads ``gamma_g`` from the structure's closed-form
-  log-determinant in ``O(P)``. Only ``hyper[prior_key]`` and the Gaussian noise
-  are updated there: other entries, ``prior_key=None`` and
+  log-determinant in ``O(P)``. The curvature is computed once per iteration
+  with the first ``make_nlp(hyper)`` and moved to the current prior and noise
+  in ``O(P)`` (the GGN of a Gaussian likelihood scales as ``1/sigma^2``), so
+  the passes over ``data`` compile once per run. Only ``hyper[prior_key]`` and
+  the Gaussian noise are updated there: other entries, ``prior_key=None`` and
   ``total_derivative=True`` raise ``ValueError`` (dense only). The
   hyperparameters converge as far as the minibatch refits do; where K-FAC or
   the low rank is exact (one linear Gaussian layer; ``rank=P``) they equal the
@@ -327,6 +330,11 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs=None, targ
       iterator: it is walked every iteration), instead of ``inputs, targets``;
       ``make_nlp(hyper).num_data`` must be their total size.
     rank, diag_method, num_samples, key: of the structure (see :func:`mlmap.laplace`).
+    fixed_point: update ``hyper[prior_key]`` and the noise by MacKay's fixed point
+      (default); False: by ``Adam(learning_rate)`` steps on the log evidence in
+      their logs instead (dense: as ``prior_key=None, noise_key=None``;
+      structured: the ``O(P)`` evidence of the stored structure, which is also
+      the fallback wherever the fixed point is undefined, ``gamma_g <= 0``).
 
   Returns:
     ``(hyper, params, info)``: the hyperparameters (same structure), the MAP
@@ -350,6 +358,8 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs=None, targ
     in deep learning", ICML 2021, https://arxiv.org/abs/2104.04975.
   """
   fn = "maximize_evidence"
+  if not isinstance(fixed_point, bool):
+    raise TypeError(f"{fn}: fixed_point must be True or False, got {fixed_point!r}.")
   _check_hyper(fn, hyper, prior_key, noise_key)
   prior_key, noise_key = _check_keys(fn, hyper, prior_key, noise_key)
   if not (structure == "full" and subset is None and data is None):
@@ -358,9 +368,12 @@ def maximize_evidence(make_nlp: Callable, hyper: dict, params, inputs=None, targ
             structure=structure, subset=subset, data=data, curvature=curvature,
             prior_key=prior_key, noise_key=noise_key, num_iterations=num_iterations,
             fit_steps=fit_steps, make_optimizer=make_optimizer, tol=tol, map_tol=map_tol,
-            total_derivative=total_derivative),
+            total_derivative=total_derivative, fixed_point=fixed_point,
+            learning_rate=learning_rate),
         dict(rank=rank, diag_method=diag_method, num_samples=num_samples, key=key,
              max_bytes=max_bytes))
+  if not fixed_point:  # every entry by the Adam ascent of the log evidence
+    prior_key = noise_key = None
   if inputs is None or targets is None:
     raise ValueError(f"{fn}: pass inputs and targets (or data= with a structure).")
   nlp0 = make_nlp(hyper)

@@ -30,14 +30,13 @@ structure, any prefix tree and any subset use one code path.
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from mlmap import _evidence_terms as _terms
 from mlmap import _hf
 from mlmap import _precisions
 from mlmap import data as _data
@@ -106,13 +105,6 @@ def _prior_update(post, sigma):
   return new, total, valid
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _batch_sse(apply_fn, params, inputs, targets):
-  out = apply_fn(params, inputs)
-  resid = jnp.broadcast_to(targets, jnp.shape(out)) - out
-  return jnp.sum(resid * resid), math.prod(jnp.shape(resid))
-
-
 def noise_step(sse, entries, gamma, noise, ok, num_params):
   """MacKay's Gaussian-noise step ``sigma^2 <- SSE / (entries - gamma)``: ``(new, valid)``.
 
@@ -121,16 +113,6 @@ def noise_step(sse, entries, gamma, noise, ok, num_params):
   dof = entries - gamma
   ok_n = ok & (dof > 0) & (sse > 0) & (gamma >= 0) & (gamma <= num_params)
   return jnp.where(ok_n, jnp.sqrt(sse / jnp.where(ok_n, dof, 1.0)), noise), ok_n
-
-
-def _sse(nlp, params, data):
-  """``(sum of squared residuals, number of target entries)`` over ``data``."""
-  total, count = 0.0, 0
-  for inputs, targets in _data._batches(_CALL, data):
-    sse, size = _batch_sse(nlp.apply_fn, params, inputs, targets)
-    total = total + sse
-    count += int(size)
-  return total, count
 
 
 def check_structured(fn, hyper, prior_key, noise_key, total_derivative, make_nlp):
@@ -157,40 +139,67 @@ def check_structured(fn, hyper, prior_key, noise_key, total_derivative, make_nlp
   return nlp
 
 
+def _fixed_point(terms, hyper, prior_key, noise_key):
+  """MacKay's step at ``hyper``: ``(new hyper, posterior there, gamma, valid)``."""
+  noise = None if noise_key is None else hyper[noise_key]
+  post = _terms.posterior_at(_CALL, terms, hyper[prior_key], noise)
+  new = dict(hyper)
+  new[prior_key], gamma, valid = _prior_update(post, hyper[prior_key])
+  if noise_key is not None:
+    new[noise_key], ok_n = noise_step(terms.sse, terms.entries, gamma, noise, True,
+                                      post.num_params)
+    valid = valid & ok_n
+  return new, post, gamma, valid
+
+
+def _log_change(new, old):
+  return max(float(jnp.max(jnp.abs(jnp.log(a) - jnp.log(b)))) for a, b in zip(
+      jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)))
+
+
 def maximize_structured(make_nlp, hyper, params, data, *, structure, subset, curvature,
                         prior_key, noise_key, num_iterations, fit_steps, make_optimizer,
-                        tol, map_tol, laplace_kw):
-  """The loop; returns ``(hyper, params, records, hypers, converged)``."""
+                        tol, map_tol, laplace_kw, fixed_point=True, learning_rate=0.05):
+  """The loop; returns ``(hyper, params, records, hypers, converged)``.
+
+  Every posterior is built with the first ``make_nlp(hyper)`` and moved to the
+  current hyperparameters by :mod:`mlmap._evidence_terms` (``O(P)``), so the
+  curvature passes compile once. Where the fixed point is invalid (or with
+  ``fixed_point=False``) one ``Adam(learning_rate)`` step on the log evidence in
+  the log hyperparameters is taken instead.
+  """
   if make_optimizer is None:
     make_optimizer = _hf.hessian_free
   step = _refit_step(make_nlp, make_optimizer)
   batches = _cycle(data)
   hyper = jax.tree_util.tree_map(lambda x: jnp.asarray(x, float), hyper)
-  state = optax.with_extra_args_support(make_optimizer(make_nlp(hyper))).init(params)
+  nlp_ref = make_nlp(hyper)
+  ref_noise = None if noise_key is None else hyper[noise_key]
+  state = optax.with_extra_args_support(make_optimizer(nlp_ref)).init(params)
+  hyper_tx = optax.adam(learning_rate)
+  theta_state = hyper_tx.init(_terms.log_hyper(hyper, prior_key, noise_key))
   records, hypers, converged = [], [], jnp.asarray(False)
   for t in range(num_iterations):
     for _ in range(fit_steps):
       inputs, targets = next(batches)
       params, state = step(hyper, params, state, inputs, targets)
-    nlp = make_nlp(hyper)
-    post = _ls.laplace(nlp, params, curvature=curvature, structure=structure,
-                       subset=subset, data=data, map_tol=None, **laplace_kw)
+    post_ref = _ls.laplace(nlp_ref, params, curvature=curvature, structure=structure,
+                           subset=subset, data=data, map_tol=None, **laplace_kw)
+    terms = _terms.hyper_terms(_CALL, post_ref, data, ref_noise, nlp_ref.apply_fn, params)
+    new, post, gamma, valid = _fixed_point(terms, hyper, prior_key, noise_key)
     value = post.log_evidence()
-    new = dict(hyper)
-    new[prior_key], gamma, valid = _prior_update(post, hyper[prior_key])
-    if noise_key is not None:
-      sse, count = _sse(nlp, params, data)
-      new[noise_key], ok_n = noise_step(sse, count, gamma, hyper[noise_key], True,
-                                        post.num_params)
-      valid = valid & ok_n
     ok = jnp.isfinite(value)
     valid = valid & ok
+    if not (fixed_point and bool(valid)):
+      theta, theta_state, _ = _terms.ascend(
+          prior_key, noise_key, 1, hyper_tx, _CALL, terms,
+          _terms.log_hyper(hyper, prior_key, noise_key), theta_state)
+      new = _terms.from_log(theta, hyper)
     records.append((jnp.where(ok, value, -jnp.inf), gamma, post.grad_norm,
                     post.newton_decrement, ok, valid))
     hypers.append(hyper)
-    change = max(float(jnp.max(jnp.abs(jnp.log(a) - jnp.log(b)))) for a, b in zip(
-        jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(hyper)))
-    converged = jnp.asarray((change < tol) & bool(valid)
+    converged = jnp.asarray((_log_change(new, hyper) < tol) & bool(ok)
+                            & (bool(valid) or not fixed_point)
                             & (map_tol is None or float(post.newton_decrement) <= map_tol))
     if bool(converged):
       break

@@ -169,29 +169,37 @@ def _history_from_ckpt(ckpt):
   return out
 
 
-def _resume(path, params, opt_state):
-  """``(params, opt_state, step, key, history)`` from the fit checkpoint ``path``.
+def resume_parts(fn, path, like, plain):
+  """``{name: value}`` from the checkpoint ``path``, a dict with keys ``like | plain``.
 
-  ``params`` and ``opt_state`` are restored through the given ones as ``like``:
-  a checkpoint of another model or optimizer is refused, naming the leaf.
+  The ``like`` entries are restored through the given values (a checkpoint of
+  another model or optimizer is refused, naming the leaf); the ``plain`` ones
+  are rebuilt as saved (a ``key`` entry back into a PRNG key).
   """
-  fn = "fit"
   node, specs, values, _ = _read(path, False, fn)
-  names = ["history", "key", "opt_state", "params", "step"]
+  names = sorted([*like, *plain])
   if node["type"] != "dict" or node["keys"] != names:
-    raise ValueError(f"{fn}: {path} is not a fit checkpoint (expected keys {names}, "
+    raise ValueError(f"{fn}: {path} is not a {fn} checkpoint (expected keys {names}, "
                      f"found {node.get('keys')}); pass resume=False or another "
                      "checkpoint_dir.")
   part = dict(zip(node["keys"], node["children"]))
-  state = [_restore_like(part[k], ref, [k], specs, values, (fn, path, f"the given {k}"))
-           for k, ref in (("params", params), ("opt_state", opt_state))]
-  rest = {k: _build(part[k], specs, values) for k in ("step", "key", "history")}
-  key = rest["key"]
+  out = {k: _restore_like(part[k], ref, [k], specs, values, (fn, path, f"the given {k}"))
+         for k, ref in like.items()}
+  out.update({k: _build(part[k], specs, values) for k in plain})
+  key = out.get("key")
   if isinstance(key, dict) and "typed" in key:  # a converted pre-format checkpoint
-    key = jax.random.wrap_key_data(jnp.asarray(key["typed"]), impl=key["impl"])
+    out["key"] = jax.random.wrap_key_data(jnp.asarray(key["typed"]), impl=key["impl"])
   elif isinstance(key, np.ndarray):
-    key = jnp.asarray(key)
-  return state[0], state[1], int(rest["step"]), key, _history_from_ckpt(rest["history"])
+    out["key"] = jnp.asarray(key)
+  return out
+
+
+def _resume(path, params, opt_state):
+  """``(params, opt_state, step, key, history)`` from the fit checkpoint ``path``."""
+  out = resume_parts("fit", path, {"params": params, "opt_state": opt_state},
+                     ("step", "key", "history"))
+  return (out["params"], out["opt_state"], int(out["step"]), out["key"],
+          _history_from_ckpt(out["history"]))
 
 
 def _batches(data, batch_size, key, epoch):
