@@ -69,9 +69,9 @@ def test_loader_batches_give_the_same_fixed_point(diabetes):
   np.testing.assert_allclose(i4.log_evidence, i1.log_evidence, rtol=1e-10)
 
 
-# Slow: every outer iteration builds a new nlp, so the jitted per-batch builders
-# compile again (see the issue note). Default coverage of the same property on an
-# MLP: test_flax_models_fixed_point_is_the_evidence_maximum[nnx].
+# Slow (per-layer scales, kron over 3 batches, Hessian-free refits). Default
+# coverage of the same property on an MLP:
+# test_flax_models_fixed_point_is_the_evidence_maximum[nnx].
 @pytest.mark.slow
 def test_per_layer_fixed_point_is_the_evidence_maximum_on_an_mlp():
   """A 2-layer tanh MLP, one prior scale per layer, kron over 3 batches.
