@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from mlmap import _checks
 from mlmap import _precisions
 from mlmap import data as _data
-from mlmap import priors as _priors
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -103,13 +103,13 @@ def hyper_terms(fn, post, data, noise=None, apply_fn=None, full_params=None):
   return HyperTerms(post, g, total, jnp.asarray(count, g.dtype), noise)
 
 
-def _moved(fn, terms, sigma, noise):
-  """``(data term cH, nll)`` at noise ``noise``."""
+def _moved(terms, noise):
+  """``(c, data term cH, nll)`` at noise ``noise`` (``c = 1``: no noise scale)."""
   post = terms.post
   if terms.ref_noise is None or noise is None:
-    return post.precision, post.nll
+    return 1.0, post.precision, post.nll
   c = jnp.square(terms.ref_noise / noise)
-  return (_precisions.scale(post.precision, c),
+  return (c, _precisions.scale(post.precision, c),
           gaussian_nll(terms.sse, terms.entries, noise))
 
 
@@ -118,8 +118,7 @@ def posterior_at(fn, terms, sigma, noise=None):
   gradient norm and Newton decrement there (static fields kept: the reference
   ``nlp``, whose own prior and noise are stale)."""
   post = terms.post
-  prec, nll = _moved(fn, terms, sigma, noise)
-  c = 1.0 if terms.ref_noise is None or noise is None else jnp.square(terms.ref_noise / noise)
+  c, prec, nll = _moved(terms, noise)
   leaf_prec = post._leaf_prec(fn, sigma)
   d = _precisions.flat_prior(leaf_prec, post.sub_mean, terms.data_grad.dtype)
   g = c * terms.data_grad + d * ravel_pytree(post.sub_mean)[0]
@@ -128,14 +127,11 @@ def posterior_at(fn, terms, sigma, noise=None):
                              grad_norm=jnp.linalg.norm(g), newton_decrement=decrement)
 
 
-def log_evidence(fn, terms, sigma, noise=None):
-  r""":math:`\log Z(\sigma_0, \sigma)` of the module docstring (NaN if not PD)."""
-  post = terms.post
-  prec, nll = _moved(fn, terms, sigma, noise)
-  sub_sigma = post._sub_sigma(fn, sigma)
-  logdet = _precisions.logdet(prec, post._leaf_prec(fn, sigma))
-  return (-nll + _priors.gaussian_log_prior(post.sub_mean, sub_sigma)
-          + 0.5 * post.num_params * _LOG_2PI - 0.5 * logdet)
+def log_evidence(terms, sigma, noise=None):
+  r""":math:`\log Z(\sigma_0, \sigma)` of the module docstring (NaN if not PD): the
+  posterior's own :meth:`log_evidence` on the moved data term (no solve)."""
+  _, prec, nll = _moved(terms, noise)
+  return dataclasses.replace(terms.post, precision=prec, nll=nll).log_evidence(sigma)
 
 
 def log_hyper(hyper, prior_key, noise_key):
@@ -151,8 +147,8 @@ def from_log(theta, hyper):
   return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def ascend(prior_key, noise_key, steps, tx, fn, terms, theta, state):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def ascend(prior_key, noise_key, steps, tx, terms, theta, state):
   r"""``steps`` steps of the optax ``tx`` on :math:`-\log Z` in the log hyperparameters.
 
   Returns ``(theta, state, (log Z before, log Z after))``; a step whose value or
@@ -162,15 +158,14 @@ def ascend(prior_key, noise_key, steps, tx, fn, terms, theta, state):
   def neg(th):
     noise = None if noise_key is None else jnp.exp(th[noise_key])
     sigma = jax.tree_util.tree_map(jnp.exp, th[prior_key])
-    return -log_evidence(fn, terms, sigma, noise)
+    return -log_evidence(terms, sigma, noise)
 
   def body(carry, _):
     th, st = carry
     value, grad = jax.value_and_grad(neg)(th)
     updates, new_st = tx.update(grad, st, th)
     new_th = optax.apply_updates(th, updates)
-    ok = jnp.isfinite(value) & jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(grad)]))
+    ok = _checks.tree_all_finite((value, grad))
     keep = lambda n, o: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), n, o)  # noqa: E731
     return (keep(new_th, th), keep(new_st, st)), None
 

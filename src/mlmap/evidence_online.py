@@ -75,13 +75,12 @@ def _train_step(make_nlp, tx):
   return jax.jit(step)
 
 
-def _curvature_batches(data, size):
+def _curvature_batches(data, n, size):
   """Every example once, in order, ``size`` at a time (the last batch may be smaller)."""
-  n = _training._num_examples(_FN, data)
   return [jax.tree_util.tree_map(lambda a: a[i:i + size], data) for i in range(0, n, size)]
 
 
-def _check(make_nlp, hyper, tx, data, opts):
+def _check(make_nlp, hyper, tx, n, opts):
   """The nlp at ``hyper``, after refusing what would give a wrong answer."""
   if not isinstance(hyper, dict):
     raise TypeError(f"{_FN}: hyper must be a dict, got {type(hyper).__name__}.")
@@ -104,7 +103,6 @@ def _check(make_nlp, hyper, tx, data, opts):
   for name, low in (("epochs", 0), ("burn_in", 0), ("every", 1), ("hyper_steps", 1)):
     _training._check_int(_FN, name, opts[name], low, optional=False)
   nlp = make_nlp(hyper)
-  n = _training._num_examples(_FN, data)
   if getattr(nlp, "num_data", None) != n:
     raise ValueError(f"{_FN}: make_nlp(hyper).num_data must be the number of training "
                      f"examples {n} (minibatches are scaled by num_data / B), got "
@@ -123,8 +121,8 @@ def _update_hyper(run, params, hyper, hyper_state):
                              run["nlp_ref"].apply_fn, params)
   theta = _terms.log_hyper(hyper, o["prior_key"], noise_key)
   theta, hyper_state, values = _terms.ascend(
-      o["prior_key"], noise_key, o["hyper_steps"], o["hyper_tx"], _FN,
-      terms, theta, hyper_state)
+      o["prior_key"], noise_key, o["hyper_steps"], o["hyper_tx"], terms, theta,
+      hyper_state)
   return _terms.from_log(theta, hyper), hyper_state, values
 
 
@@ -211,15 +209,12 @@ def fit_evidence(make_nlp: Callable, hyper: dict, params, tx, data, *, structure
               hyper_steps=hyper_steps,
               hyper_tx=optax.adam(0.1) if hyper_tx is None else hyper_tx,
               prior_key=prior_key, noise_key=noise_key)
-  nlp_ref = _check(make_nlp, hyper, tx, data, opts)
+  n, batch_size = _training.num_and_batch_size(_FN, data, batch_size)
+  nlp_ref = _check(make_nlp, hyper, tx, n, opts)
   hyper = jax.tree_util.tree_map(lambda x: jnp.asarray(x, float), hyper)
-  n = _training._num_examples(_FN, data)
-  batch_size = n if batch_size is None else int(batch_size)
-  if not 1 <= batch_size <= n:
-    raise ValueError(f"{_FN}: batch_size must lie in [1, {n}], got {batch_size}.")
   curv = batch_size if curvature_batch_size is None else int(curvature_batch_size)
-  run = dict(opts=opts, nlp_ref=nlp_ref, hyper0=hyper,
-             curv_data=_curvature_batches(data, curv),
+  run = dict(opts=opts, nlp_ref=nlp_ref, hyper0=hyper, steps_per_epoch=n // batch_size,
+             curv_data=_curvature_batches(data, n, curv),
              laplace_kw=dict(structure=structure, subset=subset, curvature=curvature,
                              rank=rank, **({} if max_bytes is None else
                                          {"max_bytes": max_bytes})))
@@ -246,8 +241,7 @@ def _epochs(run, step, state, data, batch_size, path, progress):
   o = run["opts"]
   keys = [k for k in (o["prior_key"], o["noise_key"]) if k is not None]
   from tqdm.auto import tqdm
-  n = _training._num_examples(_FN, data)
-  with tqdm(total=(n // batch_size) * o["epochs"], initial=state["step"],
+  with tqdm(total=run["steps_per_epoch"] * o["epochs"], initial=state["step"],
             disable=not progress, desc=_FN) as bar:
     for epoch in range(state["epoch"], o["epochs"]):
       for batch in _training._batches(data, batch_size, state["key"], epoch):

@@ -192,7 +192,7 @@ def maximize_structured(make_nlp, hyper, params, data, *, structure, subset, cur
     valid = valid & ok
     if not (fixed_point and bool(valid)):
       theta, theta_state, _ = _terms.ascend(
-          prior_key, noise_key, 1, hyper_tx, _CALL, terms,
+          prior_key, noise_key, 1, hyper_tx, terms,
           _terms.log_hyper(hyper, prior_key, noise_key), theta_state)
       new = _terms.from_log(theta, hyper)
     records.append((jnp.where(ok, value, -jnp.inf), gamma, post.grad_norm,

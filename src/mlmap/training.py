@@ -248,6 +248,16 @@ def _num_examples(fn, data):
   return next(iter(sizes))
 
 
+def num_and_batch_size(fn, data, batch_size):
+  """``(n, batch_size)`` for the array pair ``data``: ``n`` when None, else checked in ``[1, n]``."""
+  n = _num_examples(fn, data)
+  batch_size = n if batch_size is None else int(batch_size)
+  if not 1 <= batch_size <= n:
+    raise ValueError(f"{fn}: batch_size must lie in [1, {n}] (n examples), got "
+                     f"{batch_size}.")
+  return n, batch_size
+
+
 def _check_int(fn, name, value, low, optional):
   if optional and value is None:
     return
@@ -324,11 +334,7 @@ def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
   if callable(data):
     epoch_batches, steps_per_epoch = data, None
   else:
-    n = _num_examples(fn, data)
-    batch_size = n if batch_size is None else int(batch_size)
-    if not 1 <= batch_size <= n:
-      raise ValueError(f"{fn}: batch_size must lie in [1, {n}] (n examples), got "
-                       f"{batch_size}.")
+    n, batch_size = num_and_batch_size(fn, data, batch_size)
     steps_per_epoch = n // batch_size
     epoch_batches = lambda e: _batches(data, batch_size, key, e)  # noqa: E731  (late-bound key)
   _check_int(fn, "checkpoint_every", checkpoint_every, 1, optional=True)
