@@ -2,7 +2,8 @@
 
     python experiments/run_all.py [--quick | --full] [--out DIR] [--only NAME ...]
 
-Runs each ``experiments/claim_*.py`` and ``experiments/laplace_calibration.py``
+Runs each ``experiments/claim_*.py``, ``experiments/laplace_calibration.py`` and
+``experiments/evidence_scale.py``
 (default ``--quick``) with a progress bar, each isolated: an experiment that
 raises is reported (with the end of its traceback) and the others still run.
 Writes ``DIR/report.md`` (one section per claim: the claim, the measured
@@ -36,6 +37,7 @@ CLAIMS = (
     ("6", "claim_second_order"),
     ("7", "claim_empirical_fisher"),
     ("8", "laplace_calibration"),
+    ("9", "evidence_scale"),
 )
 
 

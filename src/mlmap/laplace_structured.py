@@ -147,7 +147,7 @@ def _data_term(fn, structure, curvature, nlp_data, sub, data, opts):
   if structure == "kron":
     factors = _data.accumulate(functools.partial(_kron_batch, batch_nlp), data,
                                args=(sub,), num_data=n, fn=fn)
-    return _precisions.kron_precision(factors, sub), None
+    return _kron_precision_jit(factors, sub), None
   if structure == "lowrank":
     rank = opts["rank"]
     if rank > flat.size:
@@ -165,6 +165,23 @@ def _data_term(fn, structure, curvature, nlp_data, sub, data, opts):
 
 # --- the posterior ----------------------------------------------------------------
 
+# Compiled as whole programs: op by op, a cold kron build of a 3-layer MLP made
+# 191 small compilations (8 s on 2 CPU cores); these make a handful.
+_kron_precision_jit = jax.jit(_precisions.kron_precision)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prior_value(nlp, params):
+  return nlp.prior_term(params)
+
+
+@jax.jit
+def _decrement(precision, leaf_prec, g):
+  """``(g^T Lambda^{-1} g / 2, log det and decrement finite)``."""
+  decrement = 0.5 * jnp.dot(g, _precisions.solve(precision, leaf_prec, g))
+  ok = jnp.isfinite(_precisions.logdet(precision, leaf_prec)) & jnp.isfinite(decrement)
+  return decrement, ok
+
 def structured_laplace(fn, nlp, params, inputs, targets, curvature, structure, subset,
                        data, opts):
   """Build a :class:`StructuredPosterior` (the checks are the caller's)."""
@@ -176,7 +193,7 @@ def structured_laplace(fn, nlp, params, inputs, targets, curvature, structure, s
   sub = params if sel is None else sel.split(params)
   _laplace.check_proper_prior(fn, sub_nlp, sub)
   value, grad = _data.dataset_value_and_grad(sub_nlp, sub, data)
-  nll = value - sub_nlp.prior_term(sub)
+  nll = value - _prior_value(sub_nlp, sub)
   precision, stderr = _data_term(fn, structure, curvature,
                                  dataclasses.replace(sub_nlp, log_prior=None), sub,
                                  data, opts)
@@ -186,8 +203,7 @@ def structured_laplace(fn, nlp, params, inputs, targets, curvature, structure, s
       sub_nlp=sub_nlp, subset=sel, structure=structure, curvature=curvature)
   g = ravel_pytree(grad)[0]
   leaf_prec = post._leaf_prec(fn)
-  decrement = 0.5 * jnp.dot(g, _precisions.solve(precision, leaf_prec, g))
-  ok = jnp.isfinite(_precisions.logdet(precision, leaf_prec)) & jnp.isfinite(decrement)
+  decrement, ok = _decrement(precision, leaf_prec, g)
   info = _laplace.EvidenceInfo(None, None, None, ok, jnp.linalg.norm(g), decrement,
                                jnp.asarray(_linalg.CGStatus.CONVERGED, jnp.int32))
   _laplace._report(fn, curvature, ok, info, opts["map_tol"])
