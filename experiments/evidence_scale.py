@@ -96,13 +96,13 @@ def load_split(cfg: dict) -> dict:
 
 
 def sigma0_of(lam: float, n: int) -> float:
-  """The prior scale of weight decay ``lam``: ``1 / sqrt(n lam)``."""
-  return float(1.0 / np.sqrt(n * lam))
+  """The prior scale of weight decay ``lam``: ``1 / sqrt(n lam)`` (noise sigma 1)."""
+  return float(mm.optax_weight_decay_to_prior_sigma(lam, n))
 
 
 def lambda_of(sigma0, n: int):
-  """The weight decay of prior scale ``sigma0``: ``1 / (n sigma0^2)``."""
-  return 1.0 / (n * np.asarray(sigma0, np.float64) ** 2)
+  """The weight decay of prior scale ``sigma0``: ``1 / (n sigma0^2)`` (noise sigma 1)."""
+  return np.asarray(mm.prior_sigma_to_optax_weight_decay(np.asarray(sigma0, np.float64), n))
 
 
 def make_nlp(model, n: int, hyper=None):
