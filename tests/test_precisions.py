@@ -410,6 +410,25 @@ def test_kron_jit_both_branches_and_prior_gradient():
   _close(s @ s.T, np.linalg.inv(lam))
 
 
+def test_kron_float32_precision_with_traced_float64_priors():
+  """A float32 model's kron precision, jitted with float64 traced priors (x64 on):
+  both lax.cond branches return one dtype (they once disagreed, float32 against
+  float64, a TypeError at trace time) and equal the eager, concrete-branch values."""
+  x, t = _data(4)
+  params = jax.tree.map(lambda a: a.astype(jnp.float32), _mlp_params())
+  nlp = mm.negative_log_posterior(_mlp, mm.categorical_log_likelihood, num_data=40)
+  f = kron.kron_factors(nlp, params, x.astype(jnp.float32), t)
+  prec = jax.jit(pr.kron_precision)(f, params)
+  v = jnp.linspace(-1.0, 1.0, sum(a.size for a in jax.tree.leaves(params)))
+  ops = jax.jit(lambda lp, v: (pr.logdet(prec, lp), pr.solve(prec, lp, v)))
+  for deltas in ([0.4, 0.4, 1.0, 2.0, 0.4, 0.4], [0.4, 1.7, 1.0, 2.0, 0.3, 0.9]):
+    lp = tuple(jnp.asarray(d, jnp.float64) for d in deltas)
+    ld, sol = ops(lp, v)
+    eager = (pr.logdet(prec, tuple(deltas)), pr.solve(prec, tuple(deltas), v))
+    np.testing.assert_allclose(ld, eager[0], rtol=1e-5)
+    np.testing.assert_allclose(sol, eager[1], rtol=1e-4, atol=1e-5)
+
+
 def test_kron_non_scalar_prior_on_covered_leaf_raises():
   _, params, prec = _kron_model("linen")
   lp = list(_kron_prior(params, 1.0, 1.0, lambda n, x: 1.0))

@@ -149,11 +149,12 @@ def _layer_spectrum(prec, l, layer, entries, vectors=True):
   """
   alpha, qa = prec.a_eigvals[l], prec.a_eigvecs[l]
   d_in, dw, db = _layer_d(layer, entries)
+  dtype = jnp.result_type(qa, alpha, d_in)  # both lax.cond branches return this
 
   def uniform():
     if db is None:
-      return qa, alpha / dw
-    return qa, _uniform_mu(alpha, qa[-1], dw, db)
+      return qa.astype(dtype), (alpha / dw).astype(dtype)
+    return qa.astype(dtype), _uniform_mu(alpha, qa[-1], dw, db).astype(dtype)
 
   def general():
     s = jnp.sqrt(d_in)
@@ -163,7 +164,7 @@ def _layer_spectrum(prec, l, layer, entries, vectors=True):
       mu, q = jnp.linalg.eigh(at)
     else:
       mu, q = _eigvalsh(at), qa
-    return q, jnp.maximum(mu, 0)
+    return q.astype(dtype), jnp.maximum(mu, 0).astype(dtype)
 
   if db is None:
     return (*uniform(), d_in)

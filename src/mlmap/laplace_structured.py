@@ -166,7 +166,7 @@ def _data_term(fn, structure, curvature, nlp_data, sub, data, opts):
 # --- the posterior ----------------------------------------------------------------
 
 # Compiled as whole programs: op by op, a cold kron build of a 3-layer MLP made
-# 191 small compilations (8 s on 2 CPU cores); these two remove most of them.
+# 191 small compilations (8 s on 2 CPU cores); these three make a handful.
 _kron_precision_jit = jax.jit(_precisions.kron_precision)
 
 
@@ -175,9 +175,10 @@ def _prior_value(nlp, params):
   return nlp.prior_term(params)
 
 
+@jax.jit
 def _decrement(precision, leaf_prec, g):
-  """``(g^T Lambda^{-1} g / 2, log det and decrement finite)``. Not jitted: concrete
-  prior precisions pick the kron branch in Python (``_kron_precision._layer_spectrum``)."""
+  """``(g^T Lambda^{-1} g / 2, log det and decrement finite)``; the traced prior
+  precisions pick kron's branch by ``lax.cond`` (``_kron_precision._layer_spectrum``)."""
   decrement = 0.5 * jnp.dot(g, _precisions.solve(precision, leaf_prec, g))
   ok = jnp.isfinite(_precisions.logdet(precision, leaf_prec)) & jnp.isfinite(decrement)
   return decrement, ok
