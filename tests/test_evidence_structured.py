@@ -9,6 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mlmap as mm
@@ -67,6 +68,37 @@ def test_loader_batches_give_the_same_fixed_point(diabetes):
   for k in ("sigma", "prior_sigma"):
     np.testing.assert_allclose(h4[k], h1[k], rtol=1e-10)
   np.testing.assert_allclose(i4.log_evidence, i1.log_evidence, rtol=1e-10)
+
+
+def test_loader_and_one_batch_refits_converge_to_the_same_hyperparameters(diabetes):
+  """With refits: 4 equal minibatches through ``optax.MultiSteps(adam, 4)`` (the
+  mean of the 4 minibatch gradients is the full-batch gradient, since each
+  minibatch term is scaled to ``num_data``) and one batch through plain Adam take
+  the same weight steps (to rounding), so both runs converge to the same
+  hyperparameters (1e-8),
+  and to sklearn's BayesianRidge on the same 440 examples (1e-5)."""
+  from sklearn.linear_model import BayesianRidge
+  x, y, _ = diabetes
+  x, y = x[:440], y[:440]
+  ridge = BayesianRidge(fit_intercept=False, tol=1e-15, max_iter=100000, alpha_1=0.0,
+                        alpha_2=0.0, lambda_1=0.0, lambda_2=0.0).fit(x, y)
+  make_nlp = functools.partial(_make_nlp, num_data=440)
+  adam = lambda nlp: optax.adam(optax.exponential_decay(0.05, 300, 0.5))  # noqa: E731
+  runs = []
+  for data, tx, steps in (([(x, y)], adam, 10),
+                          ([(x[i:i + 110], y[i:i + 110]) for i in range(0, 440, 110)],
+                           lambda nlp: optax.MultiSteps(adam(nlp), 4), 40)):
+    runs.append(mm.maximize_evidence(
+        make_nlp, {"sigma": 1.0, "prior_sigma": 1.0}, {"W": jnp.zeros((10, 1))},
+        data=data, structure="kron", make_optimizer=tx, fit_steps=steps,
+        num_iterations=150, tol=0.0, map_tol=None, max_bytes=1000))
+  (h1, w1, _), (h4, w4, _) = runs
+  for k in ("sigma", "prior_sigma"):
+    np.testing.assert_allclose(h4[k], h1[k], rtol=1e-8)
+  # Adam divides by sqrt(v): float64 rounding of the summed gradients shows at 1e-8.
+  np.testing.assert_allclose(w4["W"], w1["W"], rtol=0, atol=1e-7)
+  np.testing.assert_allclose(1 / h4["sigma"] ** 2, ridge.alpha_, rtol=1e-5)
+  np.testing.assert_allclose(1 / h4["prior_sigma"] ** 2, ridge.lambda_, rtol=1e-5)
 
 
 # Slow (per-layer scales, kron over 3 batches, Hessian-free refits). Default
