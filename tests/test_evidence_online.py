@@ -193,6 +193,8 @@ def test_refusals(diabetes, tmp_path):
     mm.fit_evidence(make_nlp, {"sigma": 1.0, "prior_sigma": -1.0}, w, tx, (x, y))
   with pytest.raises(TypeError, match="tx must be"):
     mm.fit_evidence(make_nlp, h, w, 3, (x, y))
+  with pytest.raises(ValueError, match=r"hyper\['sigma'\] has shape \(2,\)"):
+    mm.fit_evidence(make_nlp, {**h, "sigma": jnp.ones(2)}, w, tx, (x, y), noise_key="sigma")
   with pytest.raises(ValueError, match="every must be an integer >= 1"):
     mm.fit_evidence(make_nlp, h, w, tx, (x, y), every=0)
   # the noise key must be the Gaussian likelihood's sigma: here it is used twice

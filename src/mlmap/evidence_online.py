@@ -91,6 +91,11 @@ def _check(make_nlp, hyper, tx, n, opts):
   if opts["prior_key"] is None:
     raise ValueError(f"{_FN}: prior_key=None: the evidence is ascended in the Gaussian "
                      "prior scales hyper[prior_key]; name that key.")
+  noise = opts["noise_key"]
+  if noise is not None and np.ndim(hyper[noise]) != 0:
+    raise ValueError(f"{_FN}: hyper[{noise!r}] has shape {np.shape(hyper[noise])}; the "
+                     "Gaussian noise scale must be one scalar (the curvature is moved "
+                     "to a new noise as 1/sigma^2 times the data term).")
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       {k: hyper[k] for k in (opts["prior_key"], opts["noise_key"]) if k is not None})[0]:
     v = np.asarray(leaf)
@@ -197,7 +202,7 @@ def fit_evidence(make_nlp: Callable, hyper: dict, params, tx, data, *, structure
     TypeError: ``hyper`` not a dict, ``tx`` neither a transformation nor callable.
     ValueError: a key missing from ``hyper``, a hyperparameter that is not finite
       and positive, ``structure="full"``, ``make_nlp(hyper).num_data`` not the
-      number of training examples, a noise key that is not the Gaussian
+      number of training examples, a non-scalar noise, a noise key that is not the Gaussian
       likelihood's ``sigma``, bad counts, or a checkpoint of another run.
 
   References:
