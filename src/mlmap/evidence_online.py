@@ -202,8 +202,9 @@ def fit_evidence(make_nlp: Callable, hyper: dict, params, tx, data, *, structure
     TypeError: ``hyper`` not a dict, ``tx`` neither a transformation nor callable.
     ValueError: a key missing from ``hyper``, a hyperparameter that is not finite
       and positive, ``structure="full"``, ``make_nlp(hyper).num_data`` not the
-      number of training examples, a non-scalar noise, a noise key that is not the Gaussian
-      likelihood's ``sigma``, bad counts, or a checkpoint of another run.
+      number of training examples, a non-scalar noise, a noise key that is not
+      the Gaussian likelihood's ``sigma``, bad counts, or a checkpoint of another
+      run.
 
   References:
     Immer, Bauer, Fortuin, Ratsch and Khan, "Scalable marginal likelihood
