@@ -214,6 +214,23 @@ def test_refusals(diabetes, tmp_path):
     mm.fit_evidence(make_nlp, h, w, tx, (x, y), checkpoint_dir=str(tmp_path))
 
 
+def _online_decades(n, hidden, dense_kw, tx, **online_kw):
+  """``log10(online sigma / dense sigma)`` for kron and diag: a digits MLP 64-hidden-10
+  on the first ``n`` digits, one prior scale, both from the same initial weights."""
+  d = load_digits()
+  x, y = jnp.asarray(d.data[:n] / 16.0), jnp.asarray(d.target[:n])
+  make_nlp = functools.partial(_mlp_nlp, num_data=n)
+  p0 = _mlp(hidden)
+  hd, _, _ = mm.maximize_evidence(make_nlp, {"prior_sigma": 1.0}, p0, x, y, fit_steps=5,
+                                  **dense_kw)
+  got = {}
+  for s in ("kron", "diag"):
+    r = mm.fit_evidence(make_nlp, {"prior_sigma": 1.0}, p0, tx, (x, y), structure=s,
+                        **online_kw)
+    got[s] = np.log10(float(r.hyper["prior_sigma"]) / float(hd["prior_sigma"]))
+  return got
+
+
 def test_online_prior_scale_within_a_tenth_of_a_decade_of_the_dense_method():
   """The issue's MLP check. Digits MLP 64-4-10 (P = 310) on all 1797 digits, one
   prior scale; the online weights are trained by mlmap's Hessian-free (full
@@ -225,19 +242,9 @@ def test_online_prior_scale_within_a_tenth_of_a_decade_of_the_dense_method():
   parameters, takes a larger alpha = gamma / |w|^2, and the refit weights follow.
   Here, with N/P = 5.8, both structures are near gamma = P and agree; in the
   underdetermined regime of the slow test below (P > N) diag is 0.31 decades off."""
-  d = load_digits()
-  x, y = jnp.asarray(d.data / 16.0), jnp.asarray(d.target)
-  make_nlp = functools.partial(_mlp_nlp, num_data=x.shape[0])
-  p0 = _mlp(4)
-  hd, _, _ = mm.maximize_evidence(make_nlp, {"prior_sigma": 1.0}, p0, x, y, fit_steps=5,
-                                  num_iterations=20, tol=1e-5)
-  ref = float(hd["prior_sigma"])
-  got = {}
-  for s in ("kron", "diag"):
-    r = mm.fit_evidence(make_nlp, {"prior_sigma": 1.0}, p0,
-                        lambda nlp: mm.hessian_free(nlp, maxiter=50), (x, y), structure=s,
-                        epochs=40, burn_in=5, every=1, hyper_steps=50, max_bytes=10_000)
-    got[s] = np.log10(float(r.hyper["prior_sigma"]) / ref)
+  got = _online_decades(1797, 4, dict(num_iterations=20, tol=1e-5),
+                        lambda nlp: mm.hessian_free(nlp, maxiter=50), epochs=40,
+                        burn_in=5, every=1, hyper_steps=50, max_bytes=10_000)
   assert abs(got["kron"]) < 0.1 and abs(got["diag"]) < 0.1, got
   assert got["diag"] < got["kron"] < 0, got
 
@@ -252,18 +259,8 @@ def test_online_prior_scale_against_the_dense_method_on_an_mlp():
   (measured -0.102 on 2-core CPU), online diag 0.31 below. Diag is always below at
   equal weights: its gamma uses sum_i 1/Lambda_ii <= tr(Lambda^{-1}), so gamma_diag
   >= gamma_full and alpha = gamma / |w|^2 is larger (a smaller sigma)."""
-  d = load_digits()
-  x, y = jnp.asarray(d.data[:400] / 16.0), jnp.asarray(d.target[:400])
-  make_nlp = functools.partial(_mlp_nlp, num_data=400)
-  p0 = _mlp(12)
-  hd, _, _ = mm.maximize_evidence(make_nlp, {"prior_sigma": 1.0}, p0, x, y, fit_steps=5,
-                                  num_iterations=40, tol=1e-6)
-  ref = float(hd["prior_sigma"])
-  got = {}
-  for s in ("kron", "diag"):
-    r = mm.fit_evidence(make_nlp, {"prior_sigma": 1.0}, p0,
-                        optax.adam(optax.exponential_decay(1e-2, 120, 0.5)), (x, y),
-                        structure=s, epochs=600, burn_in=10, every=5, hyper_steps=50)
-    got[s] = np.log10(float(r.hyper["prior_sigma"]) / ref)
+  got = _online_decades(400, 12, dict(num_iterations=40, tol=1e-6),
+                        optax.adam(optax.exponential_decay(1e-2, 120, 0.5)), epochs=600,
+                        burn_in=10, every=5, hyper_steps=50)
   assert abs(got["kron"]) < 0.11, got
   assert got["diag"] < got["kron"] < 0, got
