@@ -104,6 +104,49 @@ def test_second_order_optimizer_through_train_step_converges():
   assert float(optax.tree.norm(jax.grad(nlp)(params, *batch))) < 1e-6
 
 
+def _least_squares(seed=0):
+  rng = np.random.default_rng(seed)
+  x, t = jnp.asarray(rng.normal(size=(40, 5))), jnp.asarray(rng.normal(size=40))
+  return (lambda w, x, t: 0.5 * jnp.sum((x @ w - t) ** 2)), x, t
+
+
+def test_lbfgs_through_train_step_reaches_the_least_squares_solution():
+  """optax.lbfgs needs value, grad and value_fn (its zoom line search): through
+  make_train_step it solves a 5-parameter least squares to numpy's lstsq (1e-8)."""
+  f, x, t = _least_squares()
+  tx = optax.lbfgs()
+  step, w = mm.make_train_step(f, tx), jnp.zeros(5)
+  s = tx.init(w)
+  for _ in range(15):
+    w, s, m = step(w, s, (x, t))
+    assert not bool(m["skipped"])
+  np.testing.assert_allclose(w, np.linalg.lstsq(np.asarray(x), np.asarray(t))[0],
+                             rtol=1e-8, atol=1e-10)
+
+
+def test_sophia_and_reduce_on_plateau_get_obj_fn_and_value():
+  """optax.contrib.sophia (obj_fn) and adam chained with reduce_on_plateau (value):
+  make_train_step's steps equal a hand-written loop that passes them as optax
+  documents (1e-10: the step's fused value_and_grad rounds differently from
+  jax.grad); the plateau has cut the scale by the end (a test of value)."""
+  f, x, t = _least_squares(1)
+  for tx, kwargs in (
+      (optax.contrib.sophia(0.05), lambda w: {"obj_fn": lambda p: f(p, x, t)}),
+      (optax.chain(optax.sgd(0.02), optax.contrib.reduce_on_plateau(
+          patience=2, cooldown=0, factor=0.5, rtol=0.5, accumulation_size=1)),
+       lambda w: {"value": f(w, x, t)})):
+    step = mm.make_train_step(f, tx)
+    w = w_ref = jnp.zeros(5)
+    s = s_ref = tx.init(w)
+    ref_update = jax.jit(lambda g, s, w: tx.update(g, s, w, **kwargs(w)))
+    for _ in range(12):
+      w, s, _ = step(w, s, (x, t))
+      u, s_ref = ref_update(jax.grad(f)(w_ref, x, t), s_ref, w_ref)
+      w_ref = optax.apply_updates(w_ref, u)
+      np.testing.assert_allclose(w, w_ref, rtol=1e-10, atol=1e-15)
+  assert float(s[1].scale) < 1.0, s[1]
+
+
 @pytest.mark.parametrize("make_tx", [lambda nlp: optax.adam(1e-2),
                                      lambda nlp: mm.newton(nlp)])
 def test_non_finite_batch_is_skipped_and_state_unchanged(make_tx):

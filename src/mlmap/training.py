@@ -13,6 +13,7 @@ no pickle, atomic, checked on load).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -62,11 +63,18 @@ def make_train_step(objective, tx, *, jit=True):
   ``params`` and ``opt_state`` come back unchanged and ``metrics["skipped"]`` is
   True, so one bad batch (an overflow, a corrupt example) cannot poison a run.
 
+  The transformation receives the extra keyword arguments ``batch=(X, T)``
+  (mlmap's curvature optimizers), ``value=ell`` and ``grad=g`` (at the old
+  params) and ``value_fn = obj_fn = lambda w: f(w; X, T)`` (the objective bound
+  to the batch). So ``optax.lbfgs`` (its line search needs ``value``, ``grad``
+  and ``value_fn``), ``optax.contrib.sophia`` (``obj_fn``, for its Hutchinson
+  Hessian diagonal) and ``optax.contrib.reduce_on_plateau`` (``value``) work
+  through it unchanged; a transformation that takes none of them ignores them.
+
   Args:
     objective: ``objective(params, inputs, targets) -> scalar`` (e.g. an nlp).
-    tx: an ``optax.GradientTransformation``; extra args are passed as
-      ``batch=(inputs, targets)`` (plain optax transformations ignore them via
-      ``optax.with_extra_args_support``).
+    tx: an ``optax.GradientTransformation``; plain ones ignore the extra args
+      above via ``optax.with_extra_args_support``.
     jit: return the ``jax.jit``-compiled step (default) or the plain function.
 
   Returns:
@@ -108,7 +116,10 @@ def make_train_step(objective, tx, *, jit=True):
     finite_in = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply(_):
-      updates, new_state = tx.update(grads, opt_state, params, batch=(inputs, targets))
+      value_fn = functools.partial(_bound, objective, inputs, targets)
+      updates, new_state = tx.update(grads, opt_state, params, batch=(inputs, targets),
+                                     value=loss, grad=grads, value_fn=value_fn,
+                                     obj_fn=value_fn)
       new_params = optax.apply_updates(params, updates)
       ok = _checks.tree_all_finite((new_params, new_state, updates))
       return new_params, new_state, ok
@@ -123,6 +134,16 @@ def make_train_step(objective, tx, *, jit=True):
     return new_params, new_state, metrics
 
   return jax.jit(step) if jit else step
+
+
+def _bound(objective, inputs, targets, params, batch=None, obj_fn=None):
+  """``objective(params, inputs, targets)``: the objective bound to one batch.
+
+  It accepts (and ignores) the step's other extra arguments: optax's line
+  searches forward every extra argument they do not consume to ``value_fn``
+  and refuse any that it does not name."""
+  del batch, obj_fn
+  return objective(params, inputs, targets)
 
 
 # --- fit -------------------------------------------------------------------------
