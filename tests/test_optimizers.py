@@ -438,6 +438,21 @@ def test_chains_with_optax_scale_clipping_and_schedules(logistic):
                                                      optax.scale(0.5)))))
 
 
+def test_chained_state_is_reached_by_index_or_tree_get(logistic):
+  """After optax.chain the optimizer's state is one index deeper; optax's tree_get
+  finds a field by name anywhere in it. Both read the same damping, which the
+  unchained optimizer's first update sets (Hessian-free's rho rule moves it)."""
+  nlp, batch, p0 = logistic["nlp"], logistic["batch"], logistic["params0"]
+  grads = jax.grad(nlp)(p0, *batch)
+  tx = optax.chain(optax.clip_by_global_norm(1e3), mm.hessian_free(nlp), optax.scale(1.0))
+  _, state = jax.jit(lambda g, p: tx.update(g, tx.init(p), p, batch=batch))(grads, p0)
+  hf = mm.hessian_free(nlp)
+  _, alone = jax.jit(lambda g, p: hf.update(g, hf.init(p), p, batch=batch))(grads, p0)
+  assert type(state[1]).__name__ == "HessianFreeState"
+  assert float(state[1].damping) == float(optax.tree_utils.tree_get(state, "damping"))
+  assert float(state[1].damping) == float(alone.damping) != 1e-3
+
+
 # --- bad input --------------------------------------------------------------------
 
 def test_missing_batch_raises(logistic):
