@@ -405,10 +405,12 @@ def test_non_floating_params_leaf_raises_naming_its_path(logistic):
 def test_iteration_counts_must_be_integers(logistic):
   nlp = logistic["nlp"]
   for make in [mm.hessian_free, mm.natural_gradient]:
-    for bad in [0, 2.5, True, "10"]:
+    for bad in [0, 2.5, True, "10", jnp.asarray(0), jnp.asarray(2.5), jnp.asarray(True),
+                jnp.ones(2)]:
       with pytest.raises(ValueError, match=r"maxiter must be an integer >= 1"):
         make(nlp, maxiter=bad)
     make(nlp, maxiter=20.0)  # an integral float is fine
+    make(nlp, maxiter=jnp.asarray(20))  # a concrete 0-d array (optax.inject_hyperparams init)
   with pytest.raises(ValueError, match="max_linesearch_steps must be an integer >= 1, got 0"):
     mm.nonlinear_cg(nlp, max_linesearch_steps=0)
   with pytest.raises(ValueError, match=r"restart_every \(or None\) must be an integer >= 1"):
@@ -451,6 +453,53 @@ def test_chained_state_is_reached_by_index_or_tree_get(logistic):
   assert type(state[1]).__name__ == "HessianFreeState"
   assert float(state[1].damping) == float(optax.tree_utils.tree_get(state, "damping"))
   assert float(state[1].damping) == float(alone.damping) != 1e-3
+
+
+@pytest.mark.parametrize("factory, static", [
+    (mm.hessian_free, ("objective", "maxiter")),
+    (mm.natural_gradient, ("objective", "maxiter", "max_bytes")),
+    (mm.newton, ("objective", "max_bytes"))])
+def test_inject_hyperparams_learning_rate_and_damping(logistic, factory, static):
+  """optax.inject_hyperparams with the objective and the integer arguments static:
+  its updates equal the plain factory's; after the injected learning rate is changed
+  in the state they equal a factory built with the new rate (one compiled update).
+  The damping is optimizer state (Hessian-free and Newton adapt it): the injected
+  value seeds state.inner_state.damping at init, and setting that field gives the
+  update of a factory built with that damping."""
+  nlp, batch, p0 = logistic["nlp"], logistic["batch"], logistic["params0"]
+  grads = jax.grad(nlp)(p0, *batch)
+  tx = optax.inject_hyperparams(factory, static_args=static)(
+      nlp, learning_rate=0.5, damping=1e-2)
+  traces = []
+
+  @jax.jit
+  def jitted(tx_state):
+    traces.append(1)
+    return tx.update(grads, tx_state, p0, batch=batch)[0]
+
+  def update(tx_state):
+    return logistic["flat"](jitted(tx_state))
+
+  def plain(learning_rate, damping):
+    t = factory(nlp, learning_rate=learning_rate, damping=damping)
+    return logistic["flat"](t.update(grads, t.init(p0), p0, batch=batch)[0])
+
+  state = tx.init(p0)
+  assert float(state.inner_state.damping) == 1e-2
+  np.testing.assert_allclose(update(state), plain(0.5, 1e-2), rtol=1e-10)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.25, jnp.float64)  # not weak: no retrace
+  np.testing.assert_allclose(update(state), plain(0.25, 1e-2), rtol=1e-10)
+  state = state._replace(inner_state=state.inner_state._replace(
+      damping=jnp.asarray(3.0, jnp.float64)))
+  np.testing.assert_allclose(update(state), plain(0.25, 3.0), rtol=1e-10)
+  assert len(traces) == 1
+
+
+def test_a_traced_count_is_refused_with_the_remedy(logistic):
+  nlp, p0 = logistic["nlp"], logistic["params0"]
+  tx = optax.inject_hyperparams(mm.hessian_free, static_args=("objective",))(nlp)
+  with pytest.raises(ValueError, match=r"maxiter is traced.*static_args"):
+    jax.jit(lambda s: tx.update(p0, s, p0, batch=logistic["batch"]))(tx.init(p0))
 
 
 # --- bad input --------------------------------------------------------------------

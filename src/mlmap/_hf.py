@@ -147,7 +147,7 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
   _checks.check_nonnegative("tol", tol, fn)
   _checks.check_nonnegative("min_damping", min_damping, fn)
   _oc.check_factor(fn, "damping_factor", damping_factor)
-  if not 0.0 <= warm_start <= 1.0:
+  if _checks.is_concrete(warm_start) and not 0.0 <= warm_start <= 1.0:
     raise ValueError(f"{fn}: warm_start must lie in [0, 1], got {warm_start!r}.")
   maxiter = _oc.check_count(fn, "maxiter", maxiter)
 

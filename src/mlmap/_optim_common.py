@@ -36,6 +36,10 @@ def get_batch(fn: str, params, extra_args):
 
 
 def check_factor(fn: str, name: str, value) -> None:
+  """A concrete ``value`` must be a number > 1; a traced one (``optax.inject_hyperparams``
+  rebuilds the transformation in ``update``) was checked concretely in ``init``."""
+  if not _checks.is_concrete(value):
+    return
   if not (np.ndim(value) == 0 and float(value) > 1.0):
     raise ValueError(f"{fn}: {name} must be a number > 1, got {value!r}.")
 
@@ -125,7 +129,16 @@ def damped_cholesky(h, damping, max_tries=40):
 # --- trace-time checks of the optimizers' arguments -----------------------------
 
 def check_count(fn: str, name: str, value) -> int:
-  """``value`` as an int >= 1 (an integral float is accepted, 2.5 is not)."""
+  """``value`` as an int >= 1 (an integral float or 0-d array is accepted, 2.5 is not).
+
+  A count sets a loop length, so a traced one is refused with the remedy (with
+  ``optax.inject_hyperparams`` it must be one of the ``static_args``)."""
+  if not _checks.is_concrete(value):
+    raise ValueError(f"{fn}: {name} is traced ({value}); it sets a loop length, so it "
+                     f"must be a Python int. With optax.inject_hyperparams, list it in "
+                     f"static_args, e.g. static_args=('objective', {name!r}).")
+  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+    value = np.asarray(value).item()
   ok = (not isinstance(value, (bool, np.bool_))
         and isinstance(value, (int, np.integer, float, np.floating))
         and float(value).is_integer() and value >= 1)
