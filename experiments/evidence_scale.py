@@ -256,7 +256,9 @@ def figure(table: dict, out_dir: Path) -> str:
     ax.axvline(res["online"]["lam"], color="C2", label="(a) online evidence")
     ax.axvline(lam[res["grid_best"]], color="C3", ls=":", label="(b) grid choice")
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper center")
+    # Below the axes: inside, it covered the evidence curve's maximum.
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, ncol=2,
+              loc="upper center", bbox_to_anchor=(0.5, -0.16))
   fig.tight_layout()
   return _common.save_figure(fig, out_dir, "evidence_scale.png")
 
