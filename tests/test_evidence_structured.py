@@ -70,18 +70,17 @@ def test_loader_batches_give_the_same_fixed_point(diabetes):
   np.testing.assert_allclose(i4.log_evidence, i1.log_evidence, rtol=1e-10)
 
 
-def test_loader_and_one_batch_refits_converge_to_the_same_hyperparameters(diabetes):
+def test_loader_and_one_batch_refits_converge_to_the_same_hyperparameters(diabetes,
+                                                                          mackay_ridge):
   """With refits: 4 equal minibatches through ``optax.MultiSteps(adam, 4)`` (the
   mean of the 4 minibatch gradients is the full-batch gradient, since each
   minibatch term is scaled to ``num_data``) and one batch through plain Adam take
   the same weight steps (to rounding), so both runs converge to the same
   hyperparameters (1e-8),
   and to sklearn's BayesianRidge on the same 440 examples (1e-5)."""
-  from sklearn.linear_model import BayesianRidge
   x, y, _ = diabetes
   x, y = x[:440], y[:440]
-  ridge = BayesianRidge(fit_intercept=False, tol=1e-15, max_iter=100000, alpha_1=0.0,
-                        alpha_2=0.0, lambda_1=0.0, lambda_2=0.0).fit(x, y)
+  ridge = mackay_ridge(x, y)
   make_nlp = functools.partial(_make_nlp, num_data=440)
   adam = lambda nlp: optax.adam(optax.exponential_decay(0.05, 300, 0.5))  # noqa: E731
   runs = []
