@@ -101,7 +101,8 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
         linesearch=_strong(ls.init(params)))
 
   def update_fn(grads, state, params=None, **extra_args):
-    inputs, targets = _oc.check_update(fn, objective, grads, params, extra_args)
+    objective_u, inputs, targets = _oc.update_problem(fn, objective, grads, params,
+                                                      extra_args)
     period = (sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
               if restart_every is None else restart_every)
     gg_prev = tree_vdot(state.prev_grad, state.prev_grad)
@@ -114,7 +115,7 @@ def nonlinear_cg(objective, *, restart_every=None, max_linesearch_steps=30,
     d = _oc.where_tree(descent, d, _tmap(jnp.negative, grads))
 
     def value_fn(p):
-      return objective(p, inputs, targets)
+      return objective_u(p, inputs, targets)
 
     f0 = value_fn(params)
     updates, ls_state = ls.update(d, state.linesearch, params, value=f0,

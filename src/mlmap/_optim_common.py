@@ -6,13 +6,18 @@ apart so that those modules import this one and never each other (no cycle).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 from mlmap import _checks
 from mlmap.dense import check_dense_bytes
+from mlmap.posterior import NegativeLogPosterior, batch_size
 
 _tmap = jax.tree_util.tree_map
 
@@ -69,14 +74,17 @@ def reduction_ratio(f0, f1, predicted):
   ``predicted`` is the (negative) change of the quadratic model. A step is
   accepted when ``f1`` is finite and not above ``f0`` (up to rounding); when the
   model change is at rounding level, rho is 1 for an accepted step (converged:
-  nothing to learn about the damping) and -inf otherwise.
+  nothing to learn about the damping) and the most negative float otherwise (also
+  for a non-finite ``f1``). rho stays finite: ``mm.make_train_step`` discards a
+  non-finite optimizer state, which would undo the damping's growth.
   """
   tiny = noise(f0)
   accept = jnp.isfinite(f1) & jnp.isfinite(predicted) & (f1 <= f0 + tiny)
   informative = predicted < -tiny
+  worst = -jnp.finfo(jnp.result_type(f0)).max
   rho = (f1 - f0) / jnp.where(informative, predicted, -1.0)
-  rho = jnp.where(informative, rho, jnp.where(accept, 1.0, -jnp.inf))
-  rho = jnp.where(jnp.isfinite(f1), rho, -jnp.inf)
+  rho = jnp.where(informative, rho, jnp.where(accept, 1.0, worst))
+  rho = jnp.where(jnp.isfinite(rho), rho, worst)
   return rho, accept
 
 
@@ -188,3 +196,157 @@ def check_update(fn: str, objective, grads, params, extra_args):
   _checks.check_tree_like(fn, "grads", grads, params)
   check_scalar_objective(fn, objective, params, inputs, targets)
   return inputs, targets
+
+
+# --- damping on the objective's scale ---------------------------------------------
+
+def check_damping(fn: str, damping) -> None:
+  """``damping`` must be ``"auto"`` or a number >= 0 (a traced number is not checked)."""
+  if isinstance(damping, str):
+    if damping != "auto":
+      raise ValueError(f"{fn}: damping must be 'auto' or a number >= 0, got {damping!r}.")
+    return
+  if damping is None or callable(damping) or isinstance(damping, bool):
+    raise ValueError(f"{fn}: damping must be 'auto' or a number >= 0, got {damping!r}.")
+  _checks.check_nonnegative("damping", damping, fn)
+
+
+def initial_damping(damping, dtype):
+  """The state's first ``lambda``: NaN stands for ``"auto"`` (set by the first update)."""
+  return scalar(jnp.nan if isinstance(damping, str) else damping, dtype)
+
+
+def positive_scale(value, floor):
+  """``max(value, floor)``; 1 when ``value`` is not finite (no scale to read)."""
+  value = jnp.asarray(value)
+  floor = jnp.asarray(floor, value.dtype)
+  return jnp.where(jnp.isfinite(value), jnp.maximum(value, floor), jnp.ones_like(value))
+
+
+def hutchinson_scale(matvec, like, num_probes: int = 4):
+  r""":math:`|\mathrm{tr}(B)| / P` by Hutchinson's estimator: ``num_probes`` Rademacher
+  vectors ``z`` (fixed key ``PRNGKey(0)``), :math:`\mathrm{mean}\, z^\top B z / P`."""
+  leaves, treedef = jax.tree_util.tree_flatten(like)
+  size = sum(int(np.prod(jnp.shape(x))) for x in leaves)
+  keys = jax.random.split(jax.random.PRNGKey(0), num_probes * max(len(leaves), 1))
+  total = 0.0
+  for i in range(num_probes):
+    z = [jax.random.rademacher(keys[i * len(leaves) + j], jnp.shape(x), jnp.result_type(x))
+         for j, x in enumerate(leaves)]
+    z = jax.tree_util.tree_unflatten(treedef, z)
+    bz = matvec(z)
+    total = total + sum(jnp.vdot(a, b) for a, b in
+                        zip(jax.tree_util.tree_leaves(z), jax.tree_util.tree_leaves(bz)))
+  return jnp.abs(total) / (num_probes * max(size, 1))
+
+
+def resolve_damping(lam, estimate, floor):
+  """``lam``, or (while ``lam`` is NaN: the first update of ``damping="auto"``) the
+  curvature's scale ``estimate()``, floored at ``floor``; the estimate is computed
+  only on that update (``lax.cond``)."""
+  return lax.cond(jnp.isnan(lam),
+                  lambda _: positive_scale(estimate(), floor).astype(lam.dtype),
+                  lambda _: lam, None)
+
+
+# --- the problem an update works on: masked parameters, curvature batch -------------
+
+def check_fraction(fn: str, fraction) -> None:
+  """``curvature_fraction`` must be None or a number in (0, 1]."""
+  if fraction is None:
+    return
+  ok = (not isinstance(fraction, (bool, str)) and np.ndim(fraction) == 0
+        and np.isfinite(float(fraction)) and 0.0 < float(fraction) <= 1.0)
+  if not ok:
+    raise ValueError(f"{fn}: curvature_fraction must be None or a number in (0, 1], "
+                     f"got {fraction!r}.")
+
+
+def _is_masked(x):
+  return isinstance(x, optax.MaskedNode)
+
+
+def has_masked(params) -> bool:
+  """``params`` holds ``optax.MaskedNode`` leaves (inside ``optax.multi_transform``)."""
+  return any(_is_masked(x) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_masked))
+
+
+def _merge(sub, full):
+  """``full`` with the leaves of ``sub`` put in; ``MaskedNode`` keeps ``full``'s subtree."""
+  return jax.tree_util.tree_map(lambda s, f: f if _is_masked(s) else s, sub, full,
+                                is_leaf=_is_masked)
+
+
+def masked_objective(fn: str, objective, params, extra_args):
+  """The objective as a function of the unmasked part of ``params``.
+
+  ``optax.multi_transform`` and ``optax.masked`` hand a transformation only its
+  part of the tree (the rest ``optax.MaskedNode``). A curvature optimizer must
+  evaluate the model on the whole tree, so the update needs ``full_params=``
+  (``mm.make_train_step`` passes it). The frozen leaves are constants: the
+  curvature is the block of the unmasked leaves.
+  """
+  if not has_masked(params):
+    return objective
+  full = extra_args.get("full_params")
+  if full is None:
+    raise ValueError(
+        f"{fn}: params holds optax.MaskedNode leaves (the optimizer runs on part of the "
+        "tree, inside optax.multi_transform or optax.masked), but the model needs the "
+        "whole tree: pass full_params=params to tx.update(grads, state, params, "
+        "batch=..., full_params=params); mm.make_train_step does this for you.")
+  _checks.check_float_leaves(fn, full, "full_params")
+  try:
+    _merge(params, full)
+  except ValueError as err:
+    raise ValueError(f"{fn}: full_params does not have the tree structure of params "
+                     f"(with its MaskedNode subtrees filled): {err}") from None
+  if isinstance(objective, NegativeLogPosterior):
+    apply_fn, log_prior = objective.apply_fn, objective.log_prior
+    return dataclasses.replace(
+        objective, apply_fn=lambda p, x: apply_fn(_merge(p, full), x),
+        log_prior=None if log_prior is None else (lambda p: log_prior(_merge(p, full))))
+  return lambda p, x, t: objective(_merge(p, full), x, t)
+
+
+def update_problem(fn: str, objective, grads, params, extra_args):
+  """:func:`check_update` after :func:`masked_objective`: ``(objective, inputs, targets)``."""
+  get_batch(fn, params, extra_args)  # no params / no batch: the error names the remedy
+  objective = masked_objective(fn, objective, params, extra_args)
+  return (objective,) + check_update(fn, objective, grads, params, extra_args)
+
+
+def curvature_problem(fn: str, objective, params, inputs, targets, extra_args, fraction):
+  """``(objective_c, inputs_c, targets_c)``: where the curvature products are taken.
+
+  ``curvature_batch=(xc, yc)`` in the extra args, else the first
+  ``ceil(fraction * B)`` examples of the batch (``fraction`` not None), else the
+  batch itself. A separate curvature batch stands for the same data as the
+  gradient batch: ``objective_c`` is the negative log-posterior with
+  ``num_data = N`` (``B`` when the objective's ``num_data`` is None), so its
+  curvature is on the scale of the gradient's objective and the prior counts once.
+  """
+  batch = extra_args.get("curvature_batch")
+  if batch is None and fraction is None:
+    return objective, inputs, targets
+  what = "curvature_batch" if batch is not None else "curvature_fraction"
+  if not isinstance(objective, NegativeLogPosterior):
+    raise TypeError(
+        f"{fn}: {what} needs a negative_log_posterior (mm.negative_log_posterior(...)): "
+        "a curvature batch is rescaled to the data set's size, which needs the "
+        f"likelihood and the prior apart; got {type(objective).__name__}.")
+  b = batch_size(inputs)
+  if batch is not None:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+      raise ValueError(f"{fn}: curvature_batch must be a pair (inputs, targets), got "
+                       f"{type(batch).__name__}.")
+    xc, tc = batch
+  else:
+    m = max(1, math.ceil(float(fraction) * b))
+    xc, tc = _tmap(lambda a: a[:m], (inputs, targets))
+  objective_c = dataclasses.replace(objective, num_data=objective.num_data or b)
+  try:
+    check_scalar_objective(fn, objective_c, params, xc, tc)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"{fn}: the objective cannot be evaluated on the {what}: {err}") from None
+  return objective_c, xc, tc

@@ -14,8 +14,8 @@ Data-dependent failures (a Hessian that is not positive definite, negative
 curvature in CG, a step that increases the loss) are handled inside the update
 and reported in the NamedTuple state; they never produce a NaN step.
 
-``hessian_free`` lives in :mod:`mlmap._hf` and ``nonlinear_cg`` in
-:mod:`mlmap._ncg`; both are re-exported here. The helpers they share live in
+``hessian_free`` lives in :mod:`mlmap._hf`, ``kfac`` in :mod:`mlmap._kfac` and
+``nonlinear_cg`` in :mod:`mlmap._ncg`; all are re-exported here. The helpers they share live in
 :mod:`mlmap._optim_common`, which imports none of them (no import cycle).
 """
 
@@ -32,6 +32,7 @@ from jax.scipy.linalg import cho_solve
 from mlmap import _checks
 from mlmap import _optim_common as _oc
 from mlmap._hf import HessianFreeState, hessian_free  # re-exported
+from mlmap._kfac import KFACState, kfac  # re-exported
 from mlmap._ncg import NonlinearCGState, nonlinear_cg  # re-exported
 from mlmap.curvature import fisher_vp_fn
 from mlmap.dense import DEFAULT_MAX_BYTES, fisher_matrix, hessian_matrix
@@ -50,7 +51,8 @@ class NewtonState(NamedTuple):
     count: number of updates so far (int32).
     damping: Levenberg-Marquardt ``lambda`` for the next update.
     rho: reduction ratio of the last update (actual / predicted decrease);
-      NaN when ``adaptive=False``.
+      NaN before the first update, 0 when ``adaptive=False`` (the state stays
+      finite, which ``mm.make_train_step`` requires).
     negative_curvature: the last ``H + lambda I`` was not positive definite and
       ``lambda`` had to grow.
     rejected: the last step was not taken (loss rose or was non-finite).
@@ -93,7 +95,8 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
   Args:
     objective: ``objective(params, inputs, targets) -> scalar``.
     learning_rate: ``eta >= 0``, a float or an optax schedule of the step count.
-    damping: initial ``lambda >= 0`` (0: pure Newton while ``H`` is PD).
+    damping: initial ``lambda >= 0`` (0: pure Newton while ``H`` is PD), or
+      ``"auto"``: the mean absolute diagonal of the first update's Hessian.
     adaptive: adapt ``lambda`` by ``rho`` and reject uphill steps.
     damping_factor: ``> 1``, the factor of the ``rho`` rule.
     max_bytes: the largest dense ``P x P`` Hessian allowed, in bytes (default
@@ -126,7 +129,7 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
   if not callable(objective):
     raise TypeError(f"{fn}: objective must be callable, got {type(objective).__name__}.")
   _checks.check_nonnegative("learning_rate", learning_rate, fn)
-  _checks.check_nonnegative("damping", damping, fn)
+  _oc.check_damping(fn, damping)
   _oc.check_factor(fn, "damping_factor", damping_factor)
   _oc.check_dense(fn, (), max_bytes)  # validates max_bytes itself
 
@@ -134,31 +137,34 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
     _oc.check_params(fn, params)
     _oc.check_dense(fn, params, max_bytes)
     dt = _checks.tree_float_dtype(params)
-    return NewtonState(count=jnp.zeros((), jnp.int32), damping=_oc.scalar(damping, dt),
+    return NewtonState(count=jnp.zeros((), jnp.int32),
+                       damping=_oc.initial_damping(damping, dt),
                        rho=_oc.scalar(jnp.nan, dt), negative_curvature=jnp.zeros((), bool),
                        rejected=jnp.zeros((), bool))
 
   def update_fn(grads, state, params=None, **extra_args):
-    inputs, targets = _oc.check_update(fn, objective, grads, params, extra_args)
+    objective_u, inputs, targets = _oc.update_problem(fn, objective, grads, params,
+                                                      extra_args)
     _oc.check_dense(fn, params, max_bytes)
     flat_w, unravel = ravel_pytree(params)
     g = ravel_pytree(grads)[0].astype(flat_w.dtype)
-    h = hessian_matrix(objective, params, inputs, targets, max_bytes=max_bytes)
+    h = hessian_matrix(objective_u, params, inputs, targets, max_bytes=max_bytes)
     h = 0.5 * (h + h.T)
-    lam_in = state.damping
+    lam_in = _oc.resolve_damping(state.damping, lambda: jnp.mean(jnp.abs(jnp.diagonal(h))),
+                                 0.0)
     chol, lam, ok, floor = _oc.damped_cholesky(h, lam_in)
     step = -_oc.lr_at(learning_rate, state.count, g.dtype) * cho_solve((chol, True), g)
     finite = ok & jnp.all(jnp.isfinite(step))
     step = jnp.where(finite, step, 0.0)
     if adaptive:
-      f0 = objective(params, inputs, targets)
-      f1 = objective(unravel(flat_w + step), inputs, targets)
+      f0 = objective_u(params, inputs, targets)
+      f1 = objective_u(unravel(flat_w + step), inputs, targets)
       predicted = g @ step + 0.5 * step @ (h @ step)
       rho, accept = _oc.reduction_ratio(f0, f1, predicted)
       accept = accept & finite
       next_lam = _oc.adapt_damping(lam, rho, accept, damping_factor, floor)
     else:
-      rho, accept, next_lam = jnp.full((), jnp.nan, g.dtype), finite, lam_in
+      rho, accept, next_lam = jnp.zeros((), g.dtype), finite, lam_in
     step = jnp.where(accept, step, 0.0)
     updates = _tmap(lambda u, r: u.astype(r.dtype), unravel(step), grads)
     dt = state.damping.dtype
@@ -176,7 +182,9 @@ class NaturalGradientState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32).
-    damping: the damping ``lambda`` added to the Fisher.
+    damping: the damping ``lambda`` added to the Fisher for the next update
+      (adapted by ``rho`` when ``adaptive=True``; NaN before the first update
+      with ``damping="auto"``).
     cg_iterations: CG iterations of the last solve (0 for ``solver="dense"``).
     cg_residual: ``||(F + lambda I) d - g||`` of the last solve.
     negative_curvature: CG met ``p^T (F + lambda I) p <= 0`` (rounding), or the
@@ -187,6 +195,11 @@ class NaturalGradientState(NamedTuple):
       (``info.status`` of :func:`mlmap.cg`). For ``solver="dense"``:
       ``CONVERGED``, ``NEGATIVE_CURVATURE`` when the factorization needed extra
       damping, ``BREAKDOWN`` when it failed or gave a non-finite solution.
+    rho: reduction ratio of the last update (NaN before the first update, 0
+      when ``adaptive=False``: the state stays finite, which
+      ``mm.make_train_step`` requires).
+    rejected: the last step was not taken (the loss rose or was non-finite;
+      always False when ``adaptive=False``).
   """
   count: Any
   damping: Any
@@ -195,32 +208,76 @@ class NaturalGradientState(NamedTuple):
   negative_curvature: Any
   fallback: Any
   cg_status: Any = None
+  rho: Any = None
+  rejected: Any = None
 
 
 def _ng_direction(objective, solver, maxiter, tol, max_bytes, grads, params,
-                  inputs, targets, lam):
-  """``(d, iterations, residual, negative, status)`` with ``(F + lam I) d = g``."""
+                  inputs, targets, lam, floor):
+  """``(d, fvp, lam, iterations, residual, negative, status)`` with ``(F + lam I) d = g``.
+
+  ``lam`` is resolved first (``damping="auto"``: Hutchinson's ``tr(F)/P`` for CG,
+  the mean diagonal of the dense Fisher); ``fvp`` is the undamped Fisher product.
+  """
   if solver == "cg":
     fvp = fisher_vp_fn(objective, params, inputs, targets)
+    lam = _oc.resolve_damping(lam, lambda: _oc.hutchinson_scale(fvp, params), floor)
 
     def matvec(v):
       return _tmap(lambda a, b: a + lam.astype(b.dtype) * b, fvp(v), v)
     d, info = cg(matvec, grads, maxiter=maxiter, tol=tol)
-    return d, info.iterations, info.residual_norm, info.negative_curvature, info.status
+    return (d, fvp, lam, info.iterations, info.residual_norm, info.negative_curvature,
+            info.status)
   g, unravel = ravel_pytree(grads)
   f = fisher_matrix(objective, params, inputs, targets, max_bytes=max_bytes)
-  chol, lam_used, factored, _ = _oc.damped_cholesky(0.5 * (f + f.T), lam)
+  f = 0.5 * (f + f.T)
+  lam = _oc.resolve_damping(lam, lambda: jnp.mean(jnp.abs(jnp.diagonal(f))), floor)
+  chol, lam_used, factored, _ = _oc.damped_cholesky(f, lam)
   x = cho_solve((chol, True), g)
   resid = jnp.linalg.norm(f @ x + lam * x - g)
   negative = lam_used > lam
   ok = factored & jnp.all(jnp.isfinite(x))
   status = jnp.where(~ok, CGStatus.BREAKDOWN,
                      jnp.where(negative, CGStatus.NEGATIVE_CURVATURE, CGStatus.CONVERGED))
-  return unravel(x), jnp.zeros((), jnp.int32), resid, negative, status
+  fvp = lambda v: unravel(f @ ravel_pytree(v)[0])  # noqa: E731
+  return unravel(x), fvp, lam, jnp.zeros((), jnp.int32), resid, negative, status
+
+
+def _ng_check_args(fn, objective, solver, learning_rate, damping, tol, damping_factor,
+                   min_damping, curvature_fraction, max_bytes):
+  if not isinstance(objective, NegativeLogPosterior):
+    raise TypeError(
+        f"{fn} needs a negative_log_posterior (mm.negative_log_posterior(apply_fn, "
+        f"log_likelihood, ...)) to take a Fisher of its likelihood; got "
+        f"{type(objective).__name__}. For a plain function use mm.newton or "
+        "mm.hessian_free(..., curvature='hessian').")
+  if solver not in ("cg", "dense"):
+    raise ValueError(f"{fn}: solver must be one of ('cg', 'dense'), got {solver!r}.")
+  _checks.check_nonnegative("learning_rate", learning_rate, fn)
+  _oc.check_damping(fn, damping)
+  _checks.check_nonnegative("tol", tol, fn)
+  _oc.check_factor(fn, "damping_factor", damping_factor)
+  _checks.check_nonnegative("min_damping", min_damping, fn)
+  _oc.check_fraction(fn, curvature_fraction)
+  _oc.check_dense(fn, (), max_bytes)  # validates max_bytes itself
+
+
+def _ng_accept(objective, params, inputs, targets, grads, d, fvp, lr, lam, floor,
+               damping_factor):
+  """``(rho, accept, next_lam)`` of the step ``-lr d`` (Levenberg-Marquardt rule)."""
+  f0 = objective(params, inputs, targets)
+  step = _tmap(lambda u: (-lr * u).astype(u.dtype), d)
+  f1 = objective(optax.apply_updates(params, step), inputs, targets)
+  predicted = -lr * tree_vdot(grads, d) + 0.5 * lr * lr * tree_vdot(d, fvp(d))
+  rho, accept = _oc.reduction_ratio(f0, f1, predicted)
+  accept = accept & _checks.tree_all_finite(step)
+  next_lam = _oc.adapt_damping(lam, rho, accept, damping_factor, floor)
+  return rho, accept, next_lam
 
 
 def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
-                     maxiter=100, tol=1e-6, max_bytes=DEFAULT_MAX_BYTES):
+                     maxiter=100, tol=1e-6, max_bytes=DEFAULT_MAX_BYTES, adaptive=True,
+                     damping_factor=1.5, min_damping=1e-8, curvature_fraction=None):
   r"""Natural gradient descent with the exact Fisher (Amari 1998).
 
   .. math::
@@ -239,11 +296,33 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
   is the Newton (IRLS, Fisher scoring) step. The step is invariant to smooth
   reparametrizations of the model to first order (Martens 2020).
 
+  Damping (``adaptive=True``, the default): the update evaluates the objective
+  at ``w + Delta w`` on the batch (one more forward pass; one more Fisher
+  product for the model) and takes the reduction ratio
+  :math:`\rho = (f(w+\Delta w) - f(w)) / (g^\top\Delta w + \tfrac12
+  \Delta w^\top F \Delta w)`. ``rho < 1/4`` grows ``lambda`` by
+  ``damping_factor``, ``rho > 3/4`` shrinks it; a step that raises the loss
+  (or makes it non-finite) is rejected (zero update, ``lambda`` times
+  ``damping_factor**3``), as in :func:`mlmap.hessian_free`. ``adaptive=False``
+  keeps ``lambda`` fixed and takes every step.
+
+  ``damping="auto"`` (recommended: the objective sums over the data, so a good
+  ``lambda`` grows with ``N``) starts from the Fisher's own scale,
+  :math:`\mathrm{tr}(F)/P` by Hutchinson's estimator (4 Rademacher probes,
+  ``PRNGKey(0)``; the mean diagonal for ``solver="dense"``), floored at
+  ``min_damping``, taken on the first update.
+
+  Stochastic regime: with ``batch`` a minibatch, ``g`` and ``rho`` are taken
+  on it (the objective with ``num_data=N`` is on the data set's scale) and the
+  Fisher on ``curvature_batch=(xc, yc)`` when the update gets one, else on the
+  first ``ceil(curvature_fraction * B)`` examples of the batch
+  (``curvature_fraction=None``: the whole batch).
+
   Args:
     objective: a :class:`mlmap.NegativeLogPosterior` (``mm.negative_log_posterior``):
       the Fisher needs the model and the likelihood apart.
     learning_rate: ``eta >= 0``, a float or an optax schedule.
-    damping: ``lambda >= 0`` (Tikhonov damping, fixed).
+    damping: initial ``lambda >= 0``, or ``"auto"``.
     solver: ``"cg"`` or ``"dense"``.
     maxiter: CG iterations per update (``solver="cg"``), an integer >= 1.
     tol: relative CG residual tolerance.
@@ -252,10 +331,18 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
       :data:`mlmap.dense.DEFAULT_MAX_BYTES`, 2 GiB); ``init`` and ``update``
       refuse a larger one (``ValueError`` naming ``natural_gradient`` and
       ``max_bytes``) before building it.
+    adaptive: Levenberg-Marquardt damping and step rejection.
+    damping_factor: ``> 1``, the factor of the damping rule.
+    min_damping: floor of the damping (when grown from 0, and of ``"auto"``).
+    curvature_fraction: ``None`` or the fraction in (0, 1] of the batch used for
+      the Fisher when no ``curvature_batch`` is passed.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`NaturalGradientState`;
-    its ``cg_status`` says whether the last solve converged.
+    its ``cg_status`` says whether the last solve converged. Call
+    ``tx.update(grads, state, params, batch=(x, y))``, optionally with
+    ``curvature_batch=(xc, yc)``, and with ``full_params=`` inside
+    ``optax.multi_transform`` (``mm.make_train_step`` passes it).
 
   Raises:
     ValueError: at trace time, when the objective is not scalar on the batch,
@@ -268,7 +355,7 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
     >>> nlp = mm.negative_log_posterior(lambda w, x: x @ w, mm.bernoulli_log_likelihood,
     ...                                 mm.gaussian_log_prior)
     >>> x, t = jnp.array([[1.0, 2.0], [1.0, -1.0], [1.0, 0.5]]), jnp.array([1.0, 0.0, 1.0])
-    >>> tx = optax.chain(mm.natural_gradient(nlp), optax.scale(0.5))  # half steps
+    >>> tx = optax.chain(mm.natural_gradient(nlp, damping="auto"), optax.scale(0.5))
     >>> w = jnp.zeros(2); state = tx.init(w)
     >>> u, state = tx.update(jax.grad(nlp)(w, x, t), state, w, batch=(x, t))
     >>> bool(nlp(optax.apply_updates(w, u), x, t) < nlp(w, x, t))
@@ -280,19 +367,9 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
     method", JMLR 2020, https://arxiv.org/abs/1412.1193.
   """
   fn = "natural_gradient"
-  if not isinstance(objective, NegativeLogPosterior):
-    raise TypeError(
-        f"{fn} needs a negative_log_posterior (mm.negative_log_posterior(apply_fn, "
-        f"log_likelihood, ...)) to take a Fisher of its likelihood; got "
-        f"{type(objective).__name__}. For a plain function use mm.newton or "
-        "mm.hessian_free(..., curvature='hessian').")
-  if solver not in ("cg", "dense"):
-    raise ValueError(f"{fn}: solver must be one of ('cg', 'dense'), got {solver!r}.")
-  _checks.check_nonnegative("learning_rate", learning_rate, fn)
-  _checks.check_nonnegative("damping", damping, fn)
-  _checks.check_nonnegative("tol", tol, fn)
+  _ng_check_args(fn, objective, solver, learning_rate, damping, tol, damping_factor,
+                 min_damping, curvature_fraction, max_bytes)
   maxiter = _oc.check_count(fn, "maxiter", maxiter)
-  _oc.check_dense(fn, (), max_bytes)  # validates max_bytes itself
 
   def init_fn(params):
     _oc.check_params(fn, params)
@@ -300,28 +377,40 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
       _oc.check_dense(fn, params, max_bytes)
     dt = _checks.tree_float_dtype(params)
     return NaturalGradientState(
-        count=jnp.zeros((), jnp.int32), damping=_oc.scalar(damping, dt),
+        count=jnp.zeros((), jnp.int32), damping=_oc.initial_damping(damping, dt),
         cg_iterations=jnp.zeros((), jnp.int32), cg_residual=_oc.scalar(0.0, dt),
         negative_curvature=jnp.zeros((), bool), fallback=jnp.zeros((), bool),
-        cg_status=jnp.full((), CGStatus.CONVERGED, jnp.int32))
+        cg_status=jnp.full((), CGStatus.CONVERGED, jnp.int32),
+        rho=_oc.scalar(jnp.nan, dt), rejected=jnp.zeros((), bool))
 
   def update_fn(grads, state, params=None, **extra_args):
-    inputs, targets = _oc.check_update(fn, objective, grads, params, extra_args)
+    objective_u, inputs, targets = _oc.update_problem(fn, objective, grads, params,
+                                                      extra_args)
+    obj_c, xc, tc = _oc.curvature_problem(fn, objective_u, params, inputs, targets,
+                                          extra_args, curvature_fraction)
     if solver == "dense":
       _oc.check_dense(fn, params, max_bytes)
-    lam = state.damping
-    d, iters, resid, negative, status = _ng_direction(
-        objective, solver, maxiter, tol, max_bytes, grads, params, inputs, targets, lam)
+    dt = state.damping.dtype
+    floor = jnp.asarray(min_damping, dt)
+    d, fvp, lam, iters, resid, negative, status = _ng_direction(
+        obj_c, solver, maxiter, tol, max_bytes, grads, params, xc, tc, state.damping, floor)
     ok = _checks.tree_all_finite(d) & (tree_vdot(grads, d) > 0)
     # The fallback is the gradient, unless it too is non-finite: then no step.
     fallback = _oc.where_tree(_checks.tree_all_finite(grads), grads,
                               _tmap(jnp.zeros_like, grads))
     d = _oc.where_tree(ok, d, fallback)
-    lr = _oc.lr_at(learning_rate, state.count, lam.dtype)
-    updates = _tmap(lambda u: (-lr * u).astype(u.dtype), d)
+    lr = _oc.lr_at(learning_rate, state.count, dt)
+    if adaptive:
+      rho, accept, next_lam = _ng_accept(objective_u, params, inputs, targets, grads, d,
+                                         fvp, lr, lam, floor, damping_factor)
+    else:
+      rho, accept, next_lam = jnp.zeros((), dt), jnp.asarray(True), lam
+    updates = _tmap(lambda u: jnp.where(accept, -lr * u, 0.0).astype(u.dtype), d)
     return updates, NaturalGradientState(
-        count=state.count + 1, damping=lam, cg_iterations=iters.astype(jnp.int32),
-        cg_residual=jnp.asarray(resid).astype(lam.dtype), negative_curvature=negative,
-        fallback=~ok, cg_status=jnp.asarray(status, jnp.int32))
+        count=state.count + 1, damping=next_lam.astype(dt),
+        cg_iterations=iters.astype(jnp.int32),
+        cg_residual=jnp.asarray(resid).astype(dt), negative_curvature=negative,
+        fallback=~ok, cg_status=jnp.asarray(status, jnp.int32), rho=rho.astype(dt),
+        rejected=~accept)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -63,10 +63,17 @@ def make_train_step(objective, tx, *, jit=True):
   ``params`` and ``opt_state`` come back unchanged and ``metrics["skipped"]`` is
   True, so one bad batch (an overflow, a corrupt example) cannot poison a run.
 
+  (An optimizer whose first update fills a lazily allocated state, such as
+  ``mm.kfac`` built without ``example_inputs``, is the exception on that first
+  step: the update runs, its own guards apply, and only ``params`` are kept when
+  it is non-finite; the step retraces once for the filled state.)
+
   The transformation receives the extra keyword arguments ``batch=(X, T)``
   (mlmap's curvature optimizers), ``value=ell`` and ``grad=g`` (at the old
   params) and ``value_fn = obj_fn = lambda w: f(w; X, T)`` (the objective bound
-  to the batch). So ``optax.lbfgs`` (its line search needs ``value``, ``grad``
+  to the batch), and ``full_params=params`` (the whole tree: mlmap's curvature
+  optimizers need it when ``optax.multi_transform`` hands them part of it). So
+  ``optax.lbfgs`` (its line search needs ``value``, ``grad``
   and ``value_fn``), ``optax.contrib.sophia`` (``obj_fn``, for its Hutchinson
   Hessian diagonal) and ``optax.contrib.reduce_on_plateau`` (``value``) work
   through it unchanged; a transformation that takes none of them ignores them.
@@ -119,7 +126,7 @@ def make_train_step(objective, tx, *, jit=True):
       value_fn = functools.partial(_bound, objective, inputs, targets)
       updates, new_state = tx.update(grads, opt_state, params, batch=(inputs, targets),
                                      value=loss, grad=grads, value_fn=value_fn,
-                                     obj_fn=value_fn)
+                                     obj_fn=value_fn, full_params=params)
       new_params = optax.apply_updates(params, updates)
       ok = _checks.tree_all_finite((new_params, new_state, updates))
       return new_params, new_state, ok
@@ -127,6 +134,16 @@ def make_train_step(objective, tx, *, jit=True):
     def skip(_):
       return params, opt_state, jnp.asarray(False)
 
+    shape = jax.eval_shape(apply, None)[1]
+    if jax.tree_util.tree_structure(shape) != jax.tree_util.tree_structure(opt_state):
+      # The first update fills a lazily allocated state (mm.kfac without
+      # example_inputs): there is no old state of its structure to fall back to, so
+      # the update runs unconditionally (its own NaN guards apply) and only the
+      # params are kept when it is non-finite. The next call retraces once.
+      new_params, new_state, ok = apply(None)
+      ok = ok & finite_in
+      new_params = _tmap(lambda n, o: jnp.where(ok, n, o), new_params, params)
+      return new_params, new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
     new_params, new_state, ok = lax.cond(finite_in, apply, skip, None)
     new_params = _tmap(lambda n, o: jnp.where(ok, n, o), new_params, params)
     new_state = _tmap(lambda n, o: jnp.where(ok, n, o), new_state, opt_state)
@@ -136,13 +153,13 @@ def make_train_step(objective, tx, *, jit=True):
   return jax.jit(step) if jit else step
 
 
-def _bound(objective, inputs, targets, params, batch=None, obj_fn=None):
+def _bound(objective, inputs, targets, params, batch=None, obj_fn=None, full_params=None):
   """``objective(params, inputs, targets)``: the objective bound to one batch.
 
   It accepts (and ignores) the step's other extra arguments: optax's line
   searches forward every extra argument they do not consume to ``value_fn``
   and refuse any that it does not name."""
-  del batch, obj_fn
+  del batch, obj_fn, full_params
   return objective(params, inputs, targets)
 
 
