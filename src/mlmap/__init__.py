@@ -60,10 +60,12 @@ from mlmap.spectral import spectral_density
 from mlmap.spectral import stochastic_logdet
 # --- optimizers --------------------------------------------------------------
 from mlmap.optimizers import HessianFreeState
+from mlmap.optimizers import KFACState
 from mlmap.optimizers import NaturalGradientState
 from mlmap.optimizers import NewtonState
 from mlmap.optimizers import NonlinearCGState
 from mlmap.optimizers import hessian_free
+from mlmap.optimizers import kfac
 from mlmap.optimizers import natural_gradient
 from mlmap.optimizers import newton
 from mlmap.optimizers import nonlinear_cg
@@ -152,10 +154,12 @@ __all__ = (
     "fisher_diagonal",
     "HessianFreeState",
     "NaturalGradientState",
+    "KFACState",
     "NewtonState",
     "NonlinearCGState",
     "hessian_free",
     "natural_gradient",
+    "kfac",
     "newton",
     "nonlinear_cg",
     "EvidenceInfo",
