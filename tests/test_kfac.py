@@ -274,3 +274,44 @@ def test_matches_kfac_jax_on_an_mlp():
   tx = mm.kfac(nlp, learning_rate=lr, damping=n * lam, adaptive=False, example_inputs=x)
   u, _ = _update(tx, nlp, params, (x, y))
   np.testing.assert_allclose(_flat(u), ref, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli", "categorical"])
+def test_sampled_output_factor_averages_to_the_exact_one(likelihood):
+  """``kron_factors(..., key=)``: A is exact, G's mean over 4000 sampled targets is
+  the exact G within 5 standard errors (entrywise, a CLT bound measured from the
+  samples themselves)."""
+  kx, kw = jax.random.split(jax.random.PRNGKey(2))
+  x = jax.random.normal(kx, (6, 3))
+  ll = {"gaussian": functools.partial(mm.gaussian_log_likelihood, sigma=0.7),
+        "bernoulli": mm.bernoulli_log_likelihood,
+        "categorical": mm.categorical_log_likelihood}[likelihood]
+  y = jnp.zeros(6, jnp.int32) if likelihood == "categorical" else jnp.zeros((6, 4))
+  nlp = mm.negative_log_posterior(lambda p, a: jnp.tanh(a @ p["w1"]) @ p["w2"], ll)
+  p = {"w1": jax.random.normal(kw, (3, 5)), "w2": jnp.ones((5, 4)) * 0.3}
+  exact = mm.kron.kron_factors(nlp, p, x, y)
+  draws = jax.jit(jax.vmap(lambda k: mm.kron.kron_factors(nlp, p, x, y, key=k).G))(
+      jax.random.split(jax.random.PRNGKey(5), 4000))
+  for l in range(2):
+    g = np.asarray(draws[l])
+    mean, se = g.mean(0), g.std(0) / np.sqrt(g.shape[0])
+    assert np.all(np.abs(mean - np.asarray(exact.G[l])) <= 5 * se + 1e-12)
+    np.testing.assert_allclose(mm.kron.kron_factors(nlp, p, x, y, key=jax.random.PRNGKey(0)).A[l],
+                               exact.A[l], rtol=1e-12)
+  with pytest.raises(ValueError, match=r"num_samples must be an int >= 1"):
+    mm.kron.kron_factors(nlp, p, x, y, key=jax.random.PRNGKey(0), num_samples=0)
+
+
+def test_kfac_with_sampled_factors_trains_the_digits_mlp():
+  nlp, p0, batch = _digits_mlp()
+  tx = mm.kfac(nlp, damping="auto", inverse_every=5, example_inputs=batch[0], mc_samples=1)
+  step = mm.make_train_step(nlp, tx)
+  p, s = p0, tx.init(p0)
+  const = -float(mm.gaussian_log_prior(jax.tree_util.tree_map(jnp.zeros_like, p0)))
+  start = float(nlp(p0, *batch)) - const
+  for _ in range(25):
+    p, s, m = step(p, s, batch)
+    assert not bool(m["skipped"])
+  assert float(nlp(p, *batch)) - const < 0.1 * start
+  with pytest.raises(ValueError, match=r"mc_samples must be an integer >= 1"):
+    mm.kfac(nlp, mc_samples=0)

@@ -247,7 +247,7 @@ def _model_change(coef, quad):
 # --- the transformation ---------------------------------------------------------
 
 def _check_args(fn, objective, learning_rate, damping, decay, damping_type,
-                damping_factor, min_damping, curvature_fraction):
+                damping_factor, min_damping, curvature_fraction, mc_samples):
   if not isinstance(objective, NegativeLogPosterior):
     raise TypeError(
         f"{fn} needs a negative_log_posterior (mm.negative_log_posterior(apply_fn, "
@@ -264,11 +264,13 @@ def _check_args(fn, objective, learning_rate, damping, decay, damping_type,
   _oc.check_factor(fn, "damping_factor", damping_factor)
   _checks.check_nonnegative("min_damping", min_damping, fn)
   _oc.check_fraction(fn, curvature_fraction)
+  if mc_samples is not None:
+    _oc.check_count(fn, "mc_samples", mc_samples)
 
 
 def kfac(objective, learning_rate=1.0, damping="auto", *, decay=0.95, inverse_every=20,
          damping_type="factored", adaptive=True, damping_factor=1.5, min_damping=1e-8,
-         curvature_fraction=None, example_inputs=None):
+         curvature_fraction=None, example_inputs=None, mc_samples=None):
   r"""K-FAC: natural gradient with a Kronecker-factored GGN (Martens & Grosse 2015).
 
   Each layer ``l`` (found in the traced model, :mod:`mlmap.kron`) gets the block
@@ -318,7 +320,8 @@ def kfac(objective, learning_rate=1.0, damping="auto", *, decay=0.95, inverse_ev
   update (``state.nonfinite``), never NaN.
 
   Cost per update: one :func:`mlmap.kron.kron_factors` pass on the curvature
-  batch (a forward pass and ``O`` backward passes, ``O`` outputs per example;
+  batch (a forward pass and ``O`` backward passes, ``O`` outputs per example,
+  or ``mc_samples`` of them;
   plus the exact diagonal of the uncovered leaves), ``O(in^3 + out^3)`` per
   layer every ``inverse_every`` updates for ``eigh``, ``O(in^2 out + in out^2)``
   per layer for the direction; ``adaptive=True`` adds two GGN-vector products and
@@ -345,6 +348,11 @@ def kfac(objective, learning_rate=1.0, damping="auto", *, decay=0.95, inverse_ev
       fraction in (0, 1] of the batch's first examples used for it; a
       ``curvature_batch=(inputs, targets)`` extra arg overrides both.
     example_inputs: inputs to trace the model on in ``init`` (shapes only).
+    mc_samples: ``None`` (the exact output factor: one backward pass per model
+      output, e.g. 784 for a 28x28 autoencoder) or ``S >= 1``: ``G`` from ``S``
+      backward passes with targets sampled from the model (Sec. 5; key
+      ``fold_in(PRNGKey(0), count)``), an unbiased estimate; built-in
+      likelihoods only.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`KFACState`; call
@@ -375,7 +383,9 @@ def kfac(objective, learning_rate=1.0, damping="auto", *, decay=0.95, inverse_ev
   """
   fn = "kfac"
   _check_args(fn, objective, learning_rate, damping, decay, damping_type,
-              damping_factor, min_damping, curvature_fraction)
+              damping_factor, min_damping, curvature_fraction, mc_samples)
+  if mc_samples is not None:
+    mc_samples = int(mc_samples)
   inverse_every = _oc.check_count(fn, "inverse_every", inverse_every)
 
   def init_fn(params):
@@ -397,7 +407,11 @@ def kfac(objective, learning_rate=1.0, damping="auto", *, decay=0.95, inverse_ev
                                                       extra_args)
     obj_c, xc, tc = _oc.curvature_problem(fn, objective_u, params, inputs, targets,
                                           extra_args, curvature_fraction)
-    new = kron.kron_factors(obj_c, params, xc, tc)
+    if mc_samples is None:
+      new = kron.kron_factors(obj_c, params, xc, tc)
+    else:
+      key = jax.random.fold_in(jax.random.PRNGKey(0), state.count)
+      new = kron.kron_factors(obj_c, params, xc, tc, key=key, num_samples=mc_samples)
     layout = new.layout
     _check_state_layout(fn, state, layout)
     dt = state.damping.dtype

@@ -219,7 +219,27 @@ def _uncovered_diagonal(nlp, params, inputs, targets, index):
                                   inputs, targets))
 
 
-def kron_factors(nlp, params, inputs, targets) -> KronFactors:
+def _sampled_cotangents(fn, nlp, outputs, key, num_samples):
+  r"""``S`` cotangents :math:`\nabla_z(-\log p(\tilde t \mid z))/\sqrt S`,
+  :math:`\tilde t \sim p(t \mid z)`: ``[S, *outputs.shape]``; their outer
+  products average to the output Fisher (= the output Hessian of a built-in)."""
+  found = _fisher.builtin_likelihood(nlp.log_likelihood)
+  if found is None:
+    raise ValueError(f"{fn}: a sampled output factor (key=...) needs a built-in "
+                     "likelihood to sample targets from; use key=None (the exact factor).")
+  if not (isinstance(num_samples, int) and num_samples >= 1):
+    raise ValueError(f"{fn}: num_samples must be an int >= 1, got {num_samples!r}.")
+  sampler = _fisher.builtin_sampler(*found)
+  scale = num_samples ** -0.5
+
+  def one(k):
+    t = sampler(k, outputs)
+    g = jax.grad(lambda z: -jnp.sum(nlp.log_likelihood(z, t)))(outputs)
+    return g * jnp.asarray(scale, outputs.dtype)
+  return jax.vmap(one)(jax.random.split(key, num_samples))
+
+
+def kron_factors(nlp, params, inputs, targets, *, key=None, num_samples=1) -> KronFactors:
   r"""K-FAC ('expand', exact output factor) sums of the data GGN on one batch.
 
   .. math::
@@ -235,12 +255,21 @@ def kron_factors(nlp, params, inputs, targets) -> KronFactors:
   (:func:`mlmap.ggn_diagonal` restricted to them). ``apply_fn`` must treat
   examples independently (no batch norm statistics).
 
+  With ``key`` the output factor is sampled (Martens & Grosse 2015, Sec. 5):
+  ``num_samples`` backward passes of :math:`\nabla_z(-\log p(\tilde t\mid z))`
+  with targets drawn from the model, whose outer products average to the output
+  Fisher (= the output Hessian for the built-in likelihoods), so ``G_l`` is an
+  unbiased estimate at ``S`` instead of ``O`` backward passes (``A_l`` and the
+  uncovered diagonal stay exact). Built-in likelihoods only.
+
   Args:
     nlp: an :class:`mlmap.NegativeLogPosterior`; its ``apply_fn`` returns one
       array with a leading batch axis.
     params: pytree.
     inputs: batch of inputs.
     targets: batch of targets.
+    key: ``None`` (the exact output factor) or a ``jax.random`` key.
+    num_samples: ``S >= 1`` sampled targets per example when ``key`` is given.
 
   Returns:
     :class:`KronFactors` (unnormalized sums; read ``.A``, ``.G``, ``.diagonal``).
@@ -268,8 +297,11 @@ def kron_factors(nlp, params, inputs, targets) -> KronFactors:
   if not isinstance(outputs, jax.Array) or outputs.ndim < 1 or outputs.shape[0] != n:
     raise ValueError(f"{fn}: apply_fn must return one array with the batch axis "
                      f"first ({n}), got {tree_util.tree_map(jnp.shape, outputs)}.")
-  sqrt = _output_sqrt(nlp, outputs, targets)  # [B, O, K]
-  u = jnp.moveaxis(sqrt, 2, 0).reshape((sqrt.shape[2],) + outputs.shape)
+  if key is None:
+    sqrt = _output_sqrt(nlp, outputs, targets)  # [B, O, K]
+    u = jnp.moveaxis(sqrt, 2, 0).reshape((sqrt.shape[2],) + outputs.shape)
+  else:
+    u = _sampled_cotangents(fn, nlp, outputs, key, num_samples)
   cots = jax.vmap(lambda c: vjp_fn(c)[0])(u) if traced.layers else ()
 
   a_sum, g_sum, rows = [], [], []
