@@ -134,9 +134,11 @@ def _digits_mlp():
   return nlp, params, (x, y)
 
 
-@pytest.mark.parametrize("kw", [{}, {"damping_type": "exact"}, {"adaptive": False,
-                                                               "learning_rate": 0.2}],
-                         ids=["adaptive", "adaptive-exact", "fixed"])
+@pytest.mark.parametrize("kw", [
+    pytest.param({}, id="adaptive"),
+    pytest.param({"damping_type": "exact"}, id="adaptive-exact", marks=pytest.mark.slow),
+    pytest.param({"adaptive": False, "learning_rate": 0.2}, id="fixed",
+                 marks=pytest.mark.slow)])
 def test_kfac_trains_a_digits_mlp_monotonically_and_faster_than_gradient_descent(kw):
   nlp, p0, batch = _digits_mlp()
   tx = mm.kfac(nlp, damping="auto", inverse_every=5, example_inputs=batch[0], **kw)
@@ -276,7 +278,9 @@ def test_matches_kfac_jax_on_an_mlp():
   np.testing.assert_allclose(_flat(u), ref, rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian", "bernoulli", "categorical"])
+@pytest.mark.parametrize("likelihood", [
+    "gaussian", pytest.param("bernoulli", marks=pytest.mark.slow),
+    pytest.param("categorical", marks=pytest.mark.slow)])
 def test_sampled_output_factor_averages_to_the_exact_one(likelihood):
   """``kron_factors(..., key=)``: A is exact, G's mean over 4000 sampled targets is
   the exact G within 5 standard errors (entrywise, a CLT bound measured from the
