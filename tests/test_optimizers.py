@@ -458,7 +458,8 @@ def test_chained_state_is_reached_by_index_or_tree_get(logistic):
 @pytest.mark.parametrize("factory, static", [
     (mm.hessian_free, ("objective", "maxiter")),
     (mm.natural_gradient, ("objective", "maxiter", "max_bytes")),
-    (mm.newton, ("objective", "max_bytes"))])
+    (mm.newton, ("objective", "max_bytes")),
+    (mm.kfac, ("objective", "inverse_every"))])
 def test_inject_hyperparams_learning_rate_and_damping(logistic, factory, static):
   """optax.inject_hyperparams with the objective and the integer arguments static:
   its updates equal the plain factory's; after the injected learning rate is changed
