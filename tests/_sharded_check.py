@@ -186,7 +186,8 @@ def build_checks(nlp, vector):
   # last-bit differences of a reordered sum to ~1e-7 (seen with maxiter=100,
   # tol=1e-6 here: same iteration count, residuals 8.90e-5 vs 9.03e-5), which
   # is CG's rounding, not a sharding error.
-  ng = lambda: mm.natural_gradient(nlp, learning_rate=0.5, damping=DAMPING, maxiter=8)
+  ng = lambda: mm.natural_gradient(nlp, learning_rate=0.5, damping=DAMPING, maxiter=8,
+                                   adaptive=False)
   # Damping 10: with less, the first Hessian-free step on this (saturated,
   # random-init) problem is rejected, and a zero update would agree trivially.
   hf = lambda c: mm.hessian_free(nlp, curvature=c, damping=10.0, maxiter=6)

@@ -134,8 +134,8 @@ def make_train_step(objective, tx, *, jit=True):
     def skip(_):
       return params, opt_state, jnp.asarray(False)
 
-    shape = jax.eval_shape(apply, None)[1]
-    if jax.tree_util.tree_structure(shape) != jax.tree_util.tree_structure(opt_state):
+    if _has_none(opt_state) and (jax.tree_util.tree_structure(jax.eval_shape(apply, None)[1])
+                                 != jax.tree_util.tree_structure(opt_state)):
       # The first update fills a lazily allocated state (mm.kfac without
       # example_inputs): there is no old state of its structure to fall back to, so
       # the update runs unconditionally (its own NaN guards apply) and only the
@@ -151,6 +151,11 @@ def make_train_step(objective, tx, *, jit=True):
     return new_params, new_state, metrics
 
   return jax.jit(step) if jit else step
+
+
+def _has_none(tree) -> bool:
+  """A ``None`` field: a state that its first update may fill (``mm.kfac``)."""
+  return any(x is None for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: x is None))
 
 
 def _bound(objective, inputs, targets, params, batch=None, obj_fn=None, full_params=None):
