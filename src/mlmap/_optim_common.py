@@ -18,6 +18,7 @@ from jax import lax
 from mlmap import _checks
 from mlmap.dense import check_dense_bytes
 from mlmap.posterior import NegativeLogPosterior, batch_size
+from mlmap.spectral import hutchinson_trace
 
 _tmap = jax.tree_util.tree_map
 
@@ -224,20 +225,11 @@ def positive_scale(value, floor):
 
 
 def hutchinson_scale(matvec, like, num_probes: int = 4):
-  r""":math:`|\mathrm{tr}(B)| / P` by Hutchinson's estimator: ``num_probes`` Rademacher
-  vectors ``z`` (fixed key ``PRNGKey(0)``), :math:`\mathrm{mean}\, z^\top B z / P`."""
-  leaves, treedef = jax.tree_util.tree_flatten(like)
-  size = sum(int(np.prod(jnp.shape(x))) for x in leaves)
-  keys = jax.random.split(jax.random.PRNGKey(0), num_probes * max(len(leaves), 1))
-  total = 0.0
-  for i in range(num_probes):
-    z = [jax.random.rademacher(keys[i * len(leaves) + j], jnp.shape(x), jnp.result_type(x))
-         for j, x in enumerate(leaves)]
-    z = jax.tree_util.tree_unflatten(treedef, z)
-    bz = matvec(z)
-    total = total + sum(jnp.vdot(a, b) for a, b in
-                        zip(jax.tree_util.tree_leaves(z), jax.tree_util.tree_leaves(bz)))
-  return jnp.abs(total) / (num_probes * max(size, 1))
+  r""":math:`|\mathrm{tr}(B)| / P` from :func:`mlmap.spectral.hutchinson_trace`
+  (``num_probes`` Rademacher probes, fixed key ``PRNGKey(0)``)."""
+  size = sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(like))
+  est = hutchinson_trace(matvec, like, jax.random.PRNGKey(0), num_probes).estimate
+  return jnp.abs(est) / max(size, 1)
 
 
 def resolve_damping(lam, estimate, floor):
