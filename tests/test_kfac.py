@@ -91,6 +91,23 @@ def test_factored_damping_is_the_kronecker_of_damped_factors():
   np.testing.assert_allclose(np.asarray(u["b"]), -v[-1], rtol=1e-9)
 
 
+def test_adaptive_steps_gram_matrix_equals_ggn_products():
+  """The adaptive step's ``[v_i^T G v_j]`` (JVPs only) equals ``mm.ggn_vp`` dotted."""
+  from mlmap.curvature import ggn_quadratic_forms
+  ks = jax.random.split(jax.random.PRNGKey(3), 6)
+  x, y = jax.random.normal(ks[0], (12, 5)), jax.random.randint(ks[1], (12,), 0, 3)
+  nlp = mm.negative_log_posterior(
+      lambda p, a: jnp.tanh(a @ p["w1"]) @ p["w2"], mm.categorical_log_likelihood,
+      functools.partial(mm.gaussian_log_prior, sigma=0.7), num_data=40)
+  p = {"w1": jax.random.normal(ks[2], (5, 4)), "w2": jax.random.normal(ks[3], (4, 3))}
+  vs = [jax.tree_util.tree_map(lambda a, k=k: jax.random.normal(k, a.shape), p)
+        for k in ks[4:]]
+  got = jax.jit(lambda p, vs: ggn_quadratic_forms(nlp, p, x, y, vs))(p, vs)
+  want = [[float(mm.linalg.tree_vdot(u, mm.ggn_vp(nlp, p, v, x, y))) for v in vs]
+          for u in vs]
+  np.testing.assert_allclose(np.asarray(got), np.array(want), rtol=1e-10, atol=1e-12)
+
+
 def test_running_averages_and_the_inverse_schedule():
   """``F <- beta F + (1 - beta) F_new`` (the first update takes ``F_new``); the
   eigendecompositions are those of the factors at counts 0, T, 2T, ... and stale

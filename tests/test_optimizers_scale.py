@@ -122,6 +122,29 @@ def test_natural_gradient_rho_and_damping_rule_match_a_dense_reference():
     assert not bool(s.rejected)
 
 
+@pytest.mark.parametrize("make", [
+    lambda nlp: mm.natural_gradient(nlp, damping=5.0),
+    lambda nlp: mm.hessian_free(nlp, damping=5.0),
+    lambda nlp: mm.newton(nlp, damping=5.0),
+    lambda nlp: mm.kfac(nlp, damping=5.0)], ids=["ng", "hf", "newton", "kfac"])
+def test_value_extra_arg_is_the_reduction_ratios_start(make):
+  """``value=`` (what make_train_step passes) replaces the forward pass for f(w):
+  the true value gives the same rho; a shifted one moves rho by shift/predicted;
+  a non-scalar is refused."""
+  nlp, p0, (x, y) = _linear_gaussian()
+  p0 = jax.tree_util.tree_map(lambda a: a + 0.3, p0)
+  tx = make(nlp)
+  f = float(nlp(p0, x, y))
+  run = jax.jit(lambda p, v: tx.update(jax.grad(nlp)(p, x, y), tx.init(p), p,
+                                       batch=(x, y), value=v))
+  ref = jax.jit(lambda p: tx.update(jax.grad(nlp)(p, x, y), tx.init(p), p, batch=(x, y)))
+  base, same, shifted = ref(p0)[1], run(p0, f)[1], run(p0, f + 1e-3)[1]
+  np.testing.assert_allclose(float(same.rho), float(base.rho), rtol=1e-10)
+  assert float(shifted.rho) != float(base.rho)
+  with pytest.raises(ValueError, match=r"shape \(2,\)"):
+    run(p0, jnp.ones(2))
+
+
 # --- damping="auto" ----------------------------------------------------------------
 
 def test_hutchinson_scale_is_exact_on_a_diagonal_operator_and_close_on_a_dense_one():

@@ -184,7 +184,9 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
     x0 = _tmap(lambda u: (warm_start * u).astype(u.dtype), state.direction)
     d, bd, info, good = _solve(curv, lam, grads, x0, maxiter, tol, precond, min_damping)
     lr = _oc.lr_at(learning_rate, state.count, lam.dtype)
-    updates, rho, accept = _try_step(objective_u, params, inputs, targets, grads, d, bd, lr)
+    f0 = _oc.value_at(objective_u, params, inputs, targets, extra_args)
+    updates, rho, accept = _try_step(objective_u, params, inputs, targets, grads, d, bd,
+                                     lr, f0)
     next_lam = _oc.adapt_damping(lam, rho, accept, damping_factor, floor).astype(lam.dtype)
     # A rejected direction is a bad warm start (too long for the grown damping).
     keep = accept & _checks.tree_all_finite(d)
@@ -259,13 +261,13 @@ def _solve(curv, lam, grads, x0, maxiter, tol, precond, min_damping):
   return d, bd, info, good
 
 
-def _try_step(objective, params, inputs, targets, grads, d, bd, lr):
-  """``(updates, rho, accept)`` of the step ``lr d`` (zero update when rejected)."""
+def _try_step(objective, params, inputs, targets, grads, d, bd, lr, f0):
+  """``(updates, rho, accept)`` of the step ``lr d`` from the loss ``f0`` at
+  ``params`` (zero update when rejected)."""
   gd, dbd = tree_vdot(grads, d), tree_vdot(d, bd)
   step = _tmap(lambda u: (lr * u).astype(u.dtype), d)
   finite = _checks.tree_all_finite(step)
   step = _oc.where_tree(finite, step, _tmap(jnp.zeros_like, step))
-  f0 = objective(params, inputs, targets)
   f1 = objective(optax.apply_updates(params, step), inputs, targets)
   rho, accept = _oc.reduction_ratio(f0, f1, lr * gd + 0.5 * lr * lr * dbd)
   accept = accept & finite

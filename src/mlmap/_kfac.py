@@ -21,7 +21,7 @@ from mlmap import _optim_common as _oc
 from mlmap import kron
 from mlmap import laplace as _laplace
 from mlmap import priors as _priors
-from mlmap.curvature import ggn_vp_fn
+from mlmap.curvature import ggn_quadratic_forms
 from mlmap.linalg import tree_vdot
 from mlmap.posterior import NegativeLogPosterior
 
@@ -227,9 +227,8 @@ def _solve_alpha_mu(m11, m12, m22, b1, b2, use_mu):
 
 def _adaptive_coefficients(objective_c, params, xc, tc, grads, delta, delta0, lam):
   """``(alpha, mu, quad)``: the Sec. 7 coefficients and the undamped model pieces."""
-  curv = ggn_vp_fn(objective_c, params, xc, tc)
-  cd, cd0 = curv(delta), curv(delta0)
-  c11, c12, c22 = tree_vdot(delta, cd), tree_vdot(delta, cd0), tree_vdot(delta0, cd0)
+  c = ggn_quadratic_forms(objective_c, params, xc, tc, [delta, delta0])
+  c11, c12, c22 = c[0, 0], c[0, 1], c[1, 1]
   n11, n12 = tree_vdot(delta, delta), tree_vdot(delta, delta0)
   n22 = tree_vdot(delta0, delta0)
   b1, b2 = tree_vdot(grads, delta), tree_vdot(grads, delta0)
@@ -434,7 +433,7 @@ def kfac(objective, learning_rate=1.0, damping="auto", *, decay=0.95, inverse_ev
     finite = finite & _checks.tree_all_finite(step)
     step = _oc.where_tree(finite, step, _tmap(jnp.zeros_like, step))
     if adaptive:
-      f0 = objective_u(params, inputs, targets)
+      f0 = _oc.value_at(objective_u, params, inputs, targets, extra_args)
       f1 = objective_u(optax.apply_updates(params, step), inputs, targets)
       rho, accept = _oc.reduction_ratio(f0, f1, _model_change((alpha, mu), quad))
       rho = jnp.where(finite, rho, -jnp.finfo(dt).max)

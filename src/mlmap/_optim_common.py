@@ -69,6 +69,23 @@ def noise(f0):
   return 10.0 * eps * (jnp.abs(f0) + 1.0)
 
 
+def value_at(objective, params, inputs, targets, extra_args):
+  """The objective at ``params`` on the update's batch, for the reduction ratio.
+
+  The ``value`` extra argument when given (``mm.make_train_step`` passes the
+  loss it differentiated, on the same batch), which saves a forward pass; else
+  computed. A non-scalar ``value`` is refused.
+  """
+  value = extra_args.get("value")
+  if value is None:
+    return objective(params, inputs, targets)
+  value = jnp.asarray(value)
+  if value.shape != ():
+    raise ValueError(f"value must be the objective's scalar at params, got shape "
+                     f"{value.shape}.")
+  return value
+
+
 def reduction_ratio(f0, f1, predicted):
   r"""``rho = (f1 - f0) / predicted`` and whether to accept the step.
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from mlmap import _checks
 from mlmap import _fisher
+from mlmap import linalg
 from mlmap import posterior
 
 
@@ -161,6 +162,27 @@ def _ggn_vp_fn(fn, nlp, params, inputs, targets):
   def output_hessian(outputs):
     return jax.linearize(jax.grad(_sum_nll(nlp, targets)), outputs)[1]
   return _output_space_vp_fn(fn, nlp, params, inputs, output_hessian)
+
+
+def ggn_quadratic_forms(nlp, params, inputs, targets, vectors):
+  r"""The Gram matrix :math:`[v_i^\top G v_j]_{ij}` of the GGN over a few vectors.
+
+  Private to the package (``mm.kfac``'s adaptive step): one JVP per vector and
+  output-space products, no transposed (backward) pass, so it is cheaper than
+  ``len(vectors)`` calls of :func:`ggn_vp`. Returns a ``(k, k)`` array.
+  """
+  _check_nlp("ggn_quadratic_forms", nlp)
+  outputs, jvp_fn = jax.linearize(lambda p: nlp.apply_fn(p, inputs), params)
+  h_vp = jax.linearize(jax.grad(_sum_nll(nlp, targets)), outputs)[1]
+  prior = _prior_hvp_fn(nlp, params)
+  scale = nlp.scale(inputs)
+  jv = [jvp_fn(v) for v in vectors]
+  hjv = [h_vp(u) for u in jv]
+  pv = [prior(v) for v in vectors]
+  k = len(vectors)
+  rows = [[scale * linalg.tree_vdot(jv[i], hjv[j]) + linalg.tree_vdot(vectors[i], pv[j])
+           for j in range(k)] for i in range(k)]
+  return jnp.stack([jnp.stack(r) for r in rows])
 
 
 def ggn_vp_fn(nlp, params, inputs, targets):

@@ -157,7 +157,7 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
     finite = ok & jnp.all(jnp.isfinite(step))
     step = jnp.where(finite, step, 0.0)
     if adaptive:
-      f0 = objective_u(params, inputs, targets)
+      f0 = _oc.value_at(objective_u, params, inputs, targets, extra_args)
       f1 = objective_u(unravel(flat_w + step), inputs, targets)
       predicted = g @ step + 0.5 * step @ (h @ step)
       rho, accept = _oc.reduction_ratio(f0, f1, predicted)
@@ -263,9 +263,9 @@ def _ng_check_args(fn, objective, solver, learning_rate, damping, tol, damping_f
 
 
 def _ng_accept(objective, params, inputs, targets, grads, d, fvp, lr, lam, floor,
-               damping_factor):
-  """``(rho, accept, next_lam)`` of the step ``-lr d`` (Levenberg-Marquardt rule)."""
-  f0 = objective(params, inputs, targets)
+               damping_factor, f0):
+  """``(rho, accept, next_lam)`` of the step ``-lr d`` from the loss ``f0`` at
+  ``params`` (Levenberg-Marquardt rule)."""
   step = _tmap(lambda u: (-lr * u).astype(u.dtype), d)
   f1 = objective(optax.apply_updates(params, step), inputs, targets)
   predicted = -lr * tree_vdot(grads, d) + 0.5 * lr * lr * tree_vdot(d, fvp(d))
@@ -401,8 +401,9 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
     d = _oc.where_tree(ok, d, fallback)
     lr = _oc.lr_at(learning_rate, state.count, dt)
     if adaptive:
+      f0 = _oc.value_at(objective_u, params, inputs, targets, extra_args)
       rho, accept, next_lam = _ng_accept(objective_u, params, inputs, targets, grads, d,
-                                         fvp, lr, lam, floor, damping_factor)
+                                         fvp, lr, lam, floor, damping_factor, f0)
     else:
       rho, accept, next_lam = jnp.zeros((), dt), jnp.asarray(True), lam
     updates = _tmap(lambda u: jnp.where(accept, -lr * u, 0.0).astype(u.dtype), d)
