@@ -600,3 +600,38 @@ def test_sharded_checkpoints_on_four_simulated_devices(tmp_path):
   assert fit["steps"] == [12, 12] and fit["num_evals"] == 3 and fit["moved"] > 1e-3
   assert fit["state_bits_equal"] and fit["history_equal"]
   assert fit["w_sharding_kept"] and fit["mu_sharding_kept"]
+
+
+def test_fit_fetches_metrics_every_log_every_steps_and_keeps_the_full_history(
+    monkeypatch, capsys):
+  """``log_every`` changes only when metrics reach the host: the history (every
+  step, the evaluations) is the same for 1, 5 and 100; the metrics are fetched
+  ceil(12 / 5) times for ``log_every=5`` (plus the evaluations'); the evaluation
+  is shown on the progress bar."""
+  nlp, params, batch = _problem()
+  tx = optax.adam(1e-2)
+  step = mm.make_train_step(nlp, tx)
+  eval_fn = jax.jit(lambda p: {"val_nlp": nlp(p, *batch)})
+  runs = {}
+  for log_every in (1, 5, 100):
+    calls = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x, real=real: calls.append(1) or real(x))
+    runs[log_every] = mm.fit(step, params, tx.init(params), batch, epochs=3, batch_size=16,
+                             eval_fn=eval_fn, eval_every=6, log_every=log_every,
+                             progress=log_every == 5)
+    monkeypatch.setattr(jax, "device_get", real)
+    if log_every == 5:
+      # no step-by-step fetch: one flush before each evaluation (steps 6 and 12;
+      # a lagged flush would start at 2 x 5 pending) plus the evaluations' own
+      assert len(calls) == 2 + 2, len(calls)
+    if log_every == 1:
+      assert len(calls) >= 12, len(calls)
+  for k in (5, 100):
+    assert runs[k].history == runs[1].history, k
+    assert _equal_trees(runs[k].params, runs[1].params)
+  assert [t for t, _ in runs[1].history["eval"]] == [6, 12]
+  err = capsys.readouterr().err
+  assert "val_nlp=" in err and "loss=" in err
+  with pytest.raises(ValueError, match="log_every"):
+    mm.fit(step, params, tx.init(params), batch, batch_size=16, log_every=0, progress=False)

@@ -19,6 +19,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 
 from mlmap import _checks
+from mlmap import _loops
 
 _HIGHEST = lax.Precision.HIGHEST
 _tmap = jax.tree_util.tree_map
@@ -174,8 +175,11 @@ def _cg_step(matvec, precond, dtype, threshold, s):
                       breakdown=out.breakdown | nonfinite)
 
 
-def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond):
-  """Preconditioned CG from ``x0`` (no custom derivative); returns ``(x, info)``."""
+def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond, unroll=False):
+  """Preconditioned CG from ``x0`` (no custom derivative); returns ``(x, info)``.
+
+  ``unroll``: ``maxiter`` unrolled steps, each frozen once the stopping rule
+  holds (same iterates as the ``while_loop``; see :mod:`mlmap._loops`)."""
   dtype = _scalar_dtype(b)
   bnorm = jnp.sqrt(tree_vdot(b, b, dtype))
   threshold = jnp.maximum(jnp.asarray(tol, dtype) * bnorm, jnp.asarray(atol, dtype))
@@ -192,8 +196,13 @@ def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond):
   def cond(s):
     return (s.k < maxiter) & (s.rnorm > threshold) & ~s.negative & ~s.breakdown
 
-  s = lax.while_loop(cond, functools.partial(_cg_step, matvec, precond, dtype, threshold),
-                     state)
+  step = functools.partial(_cg_step, matvec, precond, dtype, threshold)
+  if unroll:
+    s = state
+    for _ in range(maxiter):
+      s = _tmap(functools.partial(jnp.where, cond(s)), step(s), s)
+  else:
+    s = lax.while_loop(cond, step, state)
   converged, status = _cg_status(s, threshold)
   return s.x, CGInfo(iterations=s.k, residual_norm=s.rnorm,
                      negative_curvature=s.negative,
@@ -201,7 +210,7 @@ def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond):
 
 
 def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
-       preconditioner: Callable | None = None, atol=0.0):
+       preconditioner: Callable | None = None, atol=0.0, *, unroll: bool = False):
   r"""Solve ``A x = b`` on pytrees by (preconditioned, truncated) conjugate gradients.
 
   ``A`` is given by ``matvec(v) = A v`` and must be symmetric; CG converges for
@@ -250,6 +259,14 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
     tol: relative tolerance on the residual norm, >= 0.
     preconditioner: optional callable ``r -> M^{-1} r`` over pytrees.
     atol: absolute tolerance on the residual norm, >= 0.
+    unroll: ``True`` runs ``maxiter`` unrolled steps (each frozen once the
+      solve has stopped: the same iterates, but every step pays its product)
+      instead of the ``lax.while_loop`` (default ``False``). XLA:CPU runs a
+      convolution inside a loop about 25x slower than outside (see
+      ``mlmap._loops``), so for a convolutional operator on the CPU the
+      unrolled solve runs about as fast as its products; but its compile time
+      grows faster than linearly (10 iterations on the 9,930-parameter digits
+      CNN of ``experiments/bench_linalg.py``: 24 s), so it is opt-in.
 
   Returns:
     ``(x, info)``: the solution pytree (``b``'s structure and dtypes) and a
@@ -286,9 +303,11 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
   _checks.check_nonnegative("tol", tol, fn)
   _checks.check_nonnegative("atol", atol, fn)
   precond = (lambda r: r) if preconditioner is None else preconditioner
+  if not isinstance(unroll, bool):
+    raise TypeError(f"{fn}: unroll must be True or False, got {unroll!r}.")
 
   def solve(mv, rhs):
-    return _cg_loop(mv, rhs, x0, maxiter, tol, atol, precond)
+    return _cg_loop(mv, rhs, x0, maxiter, tol, atol, precond, unroll)
 
   x, info = lax.custom_linear_solve(matvec, b, solve, symmetric=True, has_aux=True)
   return x, info
@@ -358,8 +377,9 @@ def _hash_uniform(size, j):
   return (h >> 8).astype(jnp.float32) / 2.0 ** 24 - 0.5
 
 
-def _lanczos_flat(mv, v0, num_steps):
-  """Lanczos with full reorthogonalization on flat vectors (see :func:`lanczos`)."""
+def _lanczos_flat(mv, v0, num_steps, unroll=False):
+  """Lanczos with full reorthogonalization on flat vectors (see :func:`lanczos`);
+  ``unroll``: a Python loop of ``num_steps`` steps instead of ``fori_loop``."""
   size, dtype = v0.shape[0], v0.dtype
   eps = jnp.finfo(dtype).eps
 
@@ -393,7 +413,13 @@ def _lanczos_flat(mv, v0, num_steps):
 
   zeros = jnp.zeros((num_steps,), dtype)
   init = (basis0, zeros, zeros, v, jnp.zeros_like(v), jnp.zeros((), dtype))
-  basis, alphas, betas, *_ = lax.fori_loop(0, num_steps, body, init)
+  if unroll:
+    state = init
+    for j in range(num_steps):
+      state = body(j, state)
+    basis, alphas, betas, *_ = state
+  else:
+    basis, alphas, betas, *_ = lax.fori_loop(0, num_steps, body, init)
   return LanczosResult(alphas=alphas, betas=betas[:-1], basis=basis, residual=betas[-1])
 
 
@@ -407,7 +433,8 @@ def _check_steps(fn, v0, num_steps):
   return num_steps
 
 
-def lanczos(matvec: Callable, v0, num_steps: int) -> LanczosResult:
+def lanczos(matvec: Callable, v0, num_steps: int, *,
+            unroll: bool | None = None) -> LanczosResult:
   r"""``num_steps`` Lanczos steps with full reorthogonalization, on a pytree operator.
 
   Builds an orthonormal basis ``V = [v_1, ..., v_m]`` of the Krylov space
@@ -433,6 +460,11 @@ def lanczos(matvec: Callable, v0, num_steps: int) -> LanczosResult:
     matvec: callable ``v -> A v`` over pytrees shaped like ``v0``; symmetric.
     v0: starting pytree of real floating arrays.
     num_steps: ``m``, with ``1 <= m <= P`` (the number of scalar entries).
+    unroll: ``True`` unrolls the ``m`` steps (one compiled product per step),
+      ``False`` runs ``lax.fori_loop``; ``None`` (default) unrolls when the
+      backend is the CPU, ``matvec`` contains a convolution and ``m <= 64``
+      (XLA:CPU runs a convolution inside a loop about 25x slower; see
+      ``mlmap._loops``). The result is the same either way.
 
   Returns:
     A :class:`LanczosResult` (``alphas [m]``, ``betas [m-1]``, flat
@@ -445,8 +477,9 @@ def lanczos(matvec: Callable, v0, num_steps: int) -> LanczosResult:
     Computations", 2013, sec. 10.1.
   """
   num_steps = _check_steps("lanczos", v0, num_steps)
+  unroll = _loops.resolve_unroll("lanczos", unroll, num_steps, matvec, v0)
   flat, _, mv = _flat_operator(matvec, v0)
-  return _lanczos_flat(mv, flat, num_steps)
+  return _lanczos_flat(mv, flat, num_steps, unroll)
 
 
 def tridiagonal(result: LanczosResult):

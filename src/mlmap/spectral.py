@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mlmap import _checks
+from mlmap import _loops
 from mlmap.curvature import _check_key
 from mlmap.linalg import (_HIGHEST, _check_floating, _scalar_dtype, _check_int, _check_steps,
                           _flat_operator, _lanczos_flat, _random_like, tree_vdot,
@@ -67,11 +68,18 @@ def _check_probes(fn, like, num_probes, batch_size, minimum=2, key=None):
   return num_probes, batch_size
 
 
+def _probe_unroll(fn, unroll, matvec, like, num_probes, batch_size, num_steps=1):
+  """:func:`mlmap._loops.resolve_unroll` for a loop of ``num_probes / batch_size``
+  chunks of ``num_steps`` products each."""
+  return _loops.resolve_unroll(fn, unroll, num_probes // batch_size * num_steps, matvec,
+                               like)
+
+
 def _chunked(keys, batch_size):
   return keys.reshape((keys.shape[0] // batch_size, batch_size) + keys.shape[1:])
 
 
-def _moments(sample, keys, batch_size) -> StochasticEstimate:
+def _moments(sample, keys, batch_size, unroll=False) -> StochasticEstimate:
   """Mean and standard error of ``sample(key)`` over ``keys`` in O(1) memory.
 
   Chunks of ``batch_size`` probes are vmapped and merged with Chan et al.'s
@@ -98,14 +106,20 @@ def _moments(sample, keys, batch_size) -> StochasticEstimate:
                m2, b_m2, delta)
     return (i + 1, mean, m2), None
 
-  (_, mean, m2), _ = lax.scan(step, (jnp.zeros((), jnp.int32), zeros, zeros),
-                              _chunked(keys, batch_size))
+  carry, chunks = (jnp.zeros((), jnp.int32), zeros, zeros), _chunked(keys, batch_size)
+  if unroll:  # a Python loop over the chunks (see mlmap._loops)
+    for c in range(chunks.shape[0]):
+      carry, _ = step(carry, chunks[c])
+    _, mean, m2 = carry
+  else:
+    (_, mean, m2), _ = lax.scan(step, carry, chunks)
   se = _tmap(lambda a: jnp.sqrt(a / (n - 1) / n), m2)
   return StochasticEstimate(estimate=mean, standard_error=se)
 
 
 def hutchinson_trace(matvec: Callable, like, key, num_probes: int,
-                     batch_size: int | None = None) -> StochasticEstimate:
+                     batch_size: int | None = None, *,
+                     unroll: bool | None = None) -> StochasticEstimate:
   r"""Hutchinson's unbiased estimate of ``tr(A)`` with Rademacher probes.
 
   .. math::
@@ -121,6 +135,11 @@ def hutchinson_trace(matvec: Callable, like, key, num_probes: int,
     num_probes: number of probes ``n >= 2``.
     batch_size: probes vmapped together (must divide ``num_probes``);
       default 1 (sequential, lowest memory).
+    unroll: ``True`` unrolls the loop over probe chunks, ``False``
+      keeps ``lax`` loops; ``None`` (default) unrolls when the backend is the
+      CPU, ``matvec`` contains a convolution and there are at most 64
+      products (XLA:CPU runs a convolution inside a loop about 25x slower; see
+      ``mlmap._loops``). The result is the same either way.
 
   Returns:
     :class:`StochasticEstimate` of scalars (estimate, standard error).
@@ -133,17 +152,19 @@ def hutchinson_trace(matvec: Callable, like, key, num_probes: int,
   """
   num_probes, batch_size = _check_probes("hutchinson_trace", like, num_probes, batch_size,
                                          key=key)
+  unroll = _probe_unroll("hutchinson_trace", unroll, matvec, like, num_probes, batch_size)
   dtype = _scalar_dtype(like)
 
   def sample(k):
     z = _random_like(like, k, "rademacher")
     return tree_vdot(z, matvec(z), dtype)
 
-  return _moments(sample, jax.random.split(key, num_probes), batch_size)
+  return _moments(sample, jax.random.split(key, num_probes), batch_size, unroll)
 
 
 def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
-                        batch_size: int | None = None) -> StochasticEstimate:
+                        batch_size: int | None = None, *,
+                        unroll: bool | None = None) -> StochasticEstimate:
   r"""Hutchinson-style unbiased estimate of ``diag(A)`` with Rademacher probes.
 
   .. math::
@@ -159,6 +180,11 @@ def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
     key: ``jax.random`` key.
     num_probes: number of probes ``n >= 2``.
     batch_size: probes vmapped together (must divide ``num_probes``); default 1.
+    unroll: ``True`` unrolls the loop over probe chunks, ``False``
+      keeps ``lax`` loops; ``None`` (default) unrolls when the backend is the
+      CPU, ``matvec`` contains a convolution and there are at most 64
+      products (XLA:CPU runs a convolution inside a loop about 25x slower; see
+      ``mlmap._loops``). The result is the same either way.
 
   Returns:
     :class:`StochasticEstimate` of pytrees shaped like ``like`` (per-entry
@@ -170,12 +196,14 @@ def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
   """
   num_probes, batch_size = _check_probes("hutchinson_diagonal", like, num_probes,
                                          batch_size, key=key)
+  unroll = _probe_unroll("hutchinson_diagonal", unroll, matvec, like, num_probes,
+                         batch_size)
 
   def sample(k):
     z = _random_like(like, k, "rademacher")
     return _tmap(lambda a, b: a * b, z, matvec(z))
 
-  return _moments(sample, jax.random.split(key, num_probes), batch_size)
+  return _moments(sample, jax.random.split(key, num_probes), batch_size, unroll)
 class RitzResult(NamedTuple):
   """Output of :func:`lanczos_eigenvalues`.
 
@@ -192,7 +220,8 @@ class RitzResult(NamedTuple):
 
 
 def lanczos_eigenvalues(matvec: Callable, like, key, k: int = 6,
-                        num_steps: int | None = None, which: str = "LA") -> RitzResult:
+                        num_steps: int | None = None, which: str = "LA", *,
+                        unroll: bool | None = None) -> RitzResult:
   r"""Extreme eigenpairs of a symmetric pytree operator by Lanczos (``eigsh``-style).
 
   Runs :func:`lanczos` from a Gaussian random start drawn with ``key`` and
@@ -209,6 +238,8 @@ def lanczos_eigenvalues(matvec: Callable, like, key, k: int = 6,
     num_steps: Lanczos steps ``m <= P``; default ``min(P, max(2k + 1, 20))``.
     which: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest
       algebraic (ascending), ``"LM"`` largest magnitude (descending ``|theta|``).
+    unroll: as :func:`mlmap.lanczos`: ``None`` (default) unrolls the steps on
+      the CPU when ``matvec`` contains a convolution and ``num_steps <= 64``.
 
   Returns:
     A :class:`RitzResult`.
@@ -231,9 +262,10 @@ def lanczos_eigenvalues(matvec: Callable, like, key, k: int = 6,
   num_steps = _check_steps(fn, like, num_steps)
   if k > num_steps:
     raise ValueError(f"{fn}: k ({k}) must be <= num_steps ({num_steps}).")
+  unroll = _loops.resolve_unroll(fn, unroll, num_steps, matvec, like)
   v0 = _random_like(like, key, "normal")
   flat, unravel, mv = _flat_operator(matvec, v0)
-  res = _lanczos_flat(mv, flat, num_steps)
+  res = _lanczos_flat(mv, flat, num_steps, unroll)
   theta, s = jnp.linalg.eigh(tridiagonal(res))
   order = {"LA": -theta, "SA": theta, "LM": -jnp.abs(theta)}[which]
   idx = jnp.argsort(order)[:k]
@@ -264,20 +296,21 @@ def _slq_checks(fn, like, num_probes, num_steps, batch_size, minimum, key):
   return num_probes, num_steps, batch_size
 
 
-def _slq_rule(matvec, like, num_steps):
+def _slq_rule(matvec, like, num_steps, unroll=False):
   """Per-probe quadrature rule: key -> (nodes [m], weights [m])."""
 
   def rule(k):
     z = _random_like(like, k, "rademacher")
     flat, _, mv = _flat_operator(matvec, z)
-    theta, s = jnp.linalg.eigh(tridiagonal(_lanczos_flat(mv, flat, num_steps)))
+    theta, s = jnp.linalg.eigh(tridiagonal(_lanczos_flat(mv, flat, num_steps, unroll)))
     return theta, s[0] ** 2
 
   return rule
 
 
 def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
-                   batch_size: int | None = None) -> SLQResult:
+                   batch_size: int | None = None, *,
+                   unroll: bool | None = None) -> SLQResult:
   r"""Stochastic Lanczos quadrature: Gauss rules for ``tr f(A)`` of a symmetric ``A``.
 
   For each Rademacher probe ``z_l``, ``m`` Lanczos steps from ``z_l / sqrt(P)``
@@ -299,6 +332,12 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
     num_probes: number of probes ``n >= 1``.
     num_steps: Lanczos steps ``m`` per probe, ``1 <= m <= P``.
     batch_size: probes vmapped together (must divide ``num_probes``); default 1.
+    unroll: ``True`` unrolls the loop over probe chunks and the Lanczos
+      steps, ``False``
+      keeps ``lax`` loops; ``None`` (default) unrolls when the backend is the
+      CPU, ``matvec`` contains a convolution and there are at most 64
+      products (XLA:CPU runs a convolution inside a loop about 25x slower; see
+      ``mlmap._loops``). The result is the same either way.
 
   Returns:
     :class:`SLQResult` (``nodes``, ``weights``, ``dimension``).
@@ -310,14 +349,23 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
   """
   num_probes, num_steps, batch_size = _slq_checks("slq_quadrature", like, num_probes,
                                                   num_steps, batch_size, 1, key)
-  nodes, weights = lax.map(_slq_rule(matvec, like, num_steps),
-                           jax.random.split(key, num_probes),
-                           batch_size=None if batch_size == 1 else batch_size)
+  unroll = _probe_unroll("slq_quadrature", unroll, matvec, like, num_probes, batch_size,
+                         num_steps)
+  rule, keys = _slq_rule(matvec, like, num_steps, unroll), jax.random.split(key, num_probes)
+  if unroll:
+    def chunk(ks):  # no vmap for single probes (it turns Lanczos' restart cond into select)
+      return jax.vmap(rule)(ks) if batch_size > 1 else _tmap(lambda a: a[None], rule(ks[0]))
+    parts = [chunk(c) for c in _chunked(keys, batch_size)]
+    nodes = jnp.concatenate([q[0] for q in parts])
+    weights = jnp.concatenate([q[1] for q in parts])
+  else:
+    nodes, weights = lax.map(rule, keys, batch_size=None if batch_size == 1 else batch_size)
   return SLQResult(nodes=nodes, weights=weights, dimension=_size(like))
 
 
 def spectral_density(matvec: Callable, like, key, num_probes: int, num_steps: int,
-                     grid, sigma, batch_size: int | None = None):
+                     grid, sigma, batch_size: int | None = None, *,
+                     unroll: bool | None = None):
   r"""Gaussian-broadened eigenvalue density of a symmetric ``A`` by SLQ.
 
   .. math::
@@ -337,6 +385,7 @@ def spectral_density(matvec: Callable, like, key, num_probes: int, num_steps: in
     grid: array of points ``t`` (any shape).
     sigma: Gaussian broadening, > 0.
     batch_size: probes vmapped together (must divide ``num_probes``); default 1.
+    unroll: as :func:`slq_quadrature`.
 
   Returns:
     Array of ``phi_sigma(t)`` with ``grid``'s shape.
@@ -355,7 +404,8 @@ def spectral_density(matvec: Callable, like, key, num_probes: int, num_steps: in
     raise ValueError(f"{fn}: sigma must be finite, got {sigma!r}.")
   grid = jnp.asarray(grid)
   _checks.check_float(fn, "grid", grid)
-  rule = slq_quadrature(matvec, like, key, num_probes, num_steps, batch_size)
+  rule = slq_quadrature(matvec, like, key, num_probes, num_steps, batch_size,
+                        unroll=unroll)
   dtype = rule.nodes.dtype
   sigma = jnp.asarray(sigma, dtype)
   t = grid.astype(dtype)[..., None, None]
@@ -364,7 +414,8 @@ def spectral_density(matvec: Callable, like, key, num_probes: int, num_steps: in
 
 
 def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: int,
-                      batch_size: int | None = None) -> StochasticEstimate:
+                      batch_size: int | None = None, *,
+                      unroll: bool | None = None) -> StochasticEstimate:
   r"""``log det A`` of a symmetric positive definite ``A`` by SLQ, with its standard error.
 
   .. math::
@@ -386,6 +437,7 @@ def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: i
     num_probes: number of probes ``n >= 2``.
     num_steps: Lanczos steps per probe ``1 <= m <= P``.
     batch_size: probes vmapped together (must divide ``num_probes``); default 1.
+    unroll: as :func:`slq_quadrature`.
 
   Returns:
     :class:`StochasticEstimate` (scalar estimate, standard error).
@@ -398,7 +450,9 @@ def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: i
   """
   num_probes, num_steps, batch_size = _slq_checks("stochastic_logdet", like, num_probes,
                                                   num_steps, batch_size, 2, key)
-  rule = _slq_rule(matvec, like, num_steps)
+  unroll = _probe_unroll("stochastic_logdet", unroll, matvec, like, num_probes, batch_size,
+                         num_steps)
+  rule = _slq_rule(matvec, like, num_steps, unroll)
   size = _size(like)
 
   def sample(k):
@@ -406,4 +460,4 @@ def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: i
     safe = jnp.where(theta > 0, theta, jnp.nan)  # NaN flags a non-SPD operator
     return size * jnp.sum(jnp.where(w > 0, w * jnp.log(safe), 0))
 
-  return _moments(sample, jax.random.split(key, num_probes), batch_size)
+  return _moments(sample, jax.random.split(key, num_probes), batch_size, unroll)

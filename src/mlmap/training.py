@@ -24,6 +24,7 @@ import optax
 from jax import lax
 
 from mlmap import _checks
+from mlmap import _loops
 from mlmap._checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (re-exported)
 # fit's resume reads its own checkpoint layout through the loader's internals.
 from mlmap._checkpoint import _build, _read, _restore_like
@@ -63,7 +64,10 @@ def make_train_step(objective, tx, *, jit=True):
   ``params`` and ``opt_state`` come back unchanged and ``metrics["skipped"]`` is
   True, so one bad batch (an overflow, a corrupt example) cannot poison a run.
 
-  (An optimizer whose first update fills a lazily allocated state, such as
+  (On the CPU, for an objective with a convolution, the update is computed and
+  then discarded rather than skipped: XLA:CPU runs a convolution inside a
+  ``lax.cond`` branch about 25x slower, see ``mlmap._loops``. The results are
+  the same. An optimizer whose first update fills a lazily allocated state, such as
   ``mm.kfac`` built without ``example_inputs``, is the exception on that first
   step: the update runs, its own guards apply, and only ``params`` are kept when
   it is non-finite; the step retraces once for the filled state.)
@@ -144,7 +148,13 @@ def make_train_step(objective, tx, *, jit=True):
       ok = ok & finite_in
       new_params = _tmap(lambda n, o: jnp.where(ok, n, o), new_params, params)
       return new_params, new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
-    new_params, new_state, ok = lax.cond(finite_in, apply, skip, None)
+    if _loops.conv_on_cpu(objective, params, inputs, targets):
+      # XLA:CPU runs a convolution inside a cond branch ~25x slower than at top
+      # level (mlmap._loops): compute the update unconditionally and select.
+      new_params, new_state, ok = apply(None)
+      ok = ok & finite_in
+    else:
+      new_params, new_state, ok = lax.cond(finite_in, apply, skip, None)
     new_params = _tmap(lambda n, o: jnp.where(ok, n, o), new_params, params)
     new_state = _tmap(lambda n, o: jnp.where(ok, n, o), new_state, opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
@@ -248,13 +258,11 @@ def _resume(path, params, opt_state):
 def _batches(data, batch_size, key, epoch):
   """Minibatches of the array pair ``data`` for one epoch (drop the remainder)."""
   n = jax.tree_util.tree_leaves(data)[0].shape[0]
-  if key is None:
-    order = np.arange(n)
-  else:
+  if key is not None:  # one gather per epoch, then contiguous slices
     order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+    data = _tmap(lambda a: a[order], data)
   for i in range(n // batch_size):
-    idx = order[i * batch_size:(i + 1) * batch_size]
-    yield _tmap(lambda a: a[idx], data)
+    yield _tmap(lambda a: a[i * batch_size:(i + 1) * batch_size], data)
 
 
 def _with_last(iterable):
@@ -313,7 +321,7 @@ def _check_int(fn, name, value, low, optional):
 def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
         tx=None, eval_fn: Optional[Callable] = None, eval_every=None,
         checkpoint_dir=None, checkpoint_every=None, resume=True,
-        callback: Optional[Callable] = None, progress=True) -> FitResult:
+        callback: Optional[Callable] = None, progress=True, log_every=25) -> FitResult:
   r"""Train for ``epochs`` over minibatches, with history, evaluation and checkpoints.
 
   Epoch ``e`` visits the examples in the order
@@ -357,7 +365,12 @@ def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
       another model is never trained on.
     callback: ``callback(step, params, opt_state, metrics)`` after every step;
       returning True (or raising :class:`StopTraining`) stops training.
-    progress: show a tqdm progress bar.
+    progress: show a tqdm progress bar (the last loss and evaluation on it).
+    log_every: steps between fetches of the metrics to the host (>= 1). The
+      steps are dispatched without waiting for them in between, so an
+      accelerator stays busy; the history still holds every step (fetched in
+      one transfer), and it is complete before each evaluation, checkpoint
+      and return. ``log_every=1`` fetches (and waits for) every step.
 
   Returns:
     A :class:`FitResult` ``(params, opt_state, step, history)``.
@@ -382,6 +395,7 @@ def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
     epoch_batches = lambda e: _batches(data, batch_size, key, e)  # noqa: E731  (late-bound key)
   _check_int(fn, "checkpoint_every", checkpoint_every, 1, optional=True)
   _check_int(fn, "eval_every", eval_every, 1, optional=True)
+  _check_int(fn, "log_every", log_every, 1, optional=False)
 
   history = {"step": [], "epoch": [], "loss": [], "grad_norm": [], "skipped": [],
              "eval": []}
@@ -390,7 +404,7 @@ def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
   if path is not None and resume and os.path.exists(path):
     params, opt_state, start, key, history = _resume(path, params, opt_state)
   state = {"params": params, "opt_state": opt_state}
-  plan = (eval_fn, eval_every, path, checkpoint_every, callback)
+  plan = (eval_fn, eval_every, path, checkpoint_every, callback, log_every)
   try:
     from tqdm.auto import tqdm
   except ImportError:  # pragma: no cover
@@ -410,9 +424,22 @@ def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
 
 def _run_epochs(step, state, history, epoch_batches, steps_per_epoch, epochs, start,
                 key, plan, bar):
-  """The loop of :func:`fit`; updates ``state`` and ``history`` in place, returns t."""
-  eval_fn, eval_every, path, checkpoint_every, callback = plan
-  t = 0
+  """The loop of :func:`fit`; updates ``state`` and ``history`` in place, returns t.
+
+  Metrics stay on the device in ``pending``; every ``log_every`` steps the
+  ones at least ``log_every`` steps old reach ``history`` (they are finished, so
+  fetching them does not wait), and all of them before every evaluation,
+  checkpoint and return."""
+  eval_fn, eval_every, path, checkpoint_every, callback, log_every = plan
+  t, pending, shown = 0, [], {}  # shown: the bar's postfix (loss, last evaluation)
+
+  def flush(keep=0):
+    # keep: the newest steps stay pending, so the fetch waits for nothing
+    # still running and the dispatch queue never drains.
+    done = len(pending) - keep
+    _record_all(history, pending[:done], bar, shown)
+    del pending[:done]
+
   try:
     for epoch in range(epochs):
       if steps_per_epoch is not None and (epoch + 1) * steps_per_epoch <= start:
@@ -426,20 +453,51 @@ def _run_epochs(step, state, history, epoch_batches, steps_per_epoch, epochs, st
                                           tuple(batch))
         state["params"], state["opt_state"] = params, opt_state
         t += 1
-        _record(history, t, epoch, jax.device_get(metrics), bar)
+        pending.append((t, epoch, metrics))
+        if len(pending) >= 2 * log_every:
+          flush(keep=log_every)
         if eval_fn is not None and (t % eval_every == 0 if eval_every else last):
+          flush()
           history["eval"].append((t, jax.device_get(eval_fn(params))))
+          _show_eval(bar, history["eval"][-1][1], shown)
         if path is not None and (t % checkpoint_every == 0 if checkpoint_every else last):
+          flush()
           save_checkpoint(path, {"params": params, "opt_state": opt_state, "step": t,
                                  "key": key, "history": _history_to_ckpt(history)})
         if callback is not None and callback(t, params, opt_state, metrics):
           return t
   except StopTraining:
     pass
+  finally:
+    flush()
   return t
 
 
-def _record(history, t, epoch, m, bar):
+def _record_all(history, pending, bar, shown):
+  """Fetch the pending ``(t, epoch, metrics)`` in one transfer and record them."""
+  if not pending:
+    return
+  fetched = jax.device_get([m for _, _, m in pending])
+  for (t, epoch, _), m in zip(pending, fetched):
+    _record(history, t, epoch, m)
+  if bar is not None:
+    shown["loss"] = f"{float(fetched[-1]['loss']):.4g}"
+    bar.update(len(pending))
+    bar.set_postfix(shown, refresh=False)
+
+
+def _show_eval(bar, value, shown):
+  """Put the evaluation (a scalar, or a dict of them) on the progress bar."""
+  if bar is None:
+    return
+  values = value if isinstance(value, dict) else {"eval": value}
+  shown.update({str(k): (f"{float(v):.4g}" if np.ndim(v) == 0 else str(v))
+                for k, v in values.items()})
+  bar.set_postfix(shown, refresh=True)
+
+
+def _record(history, t, epoch, m, bar=None):
+  """Append one step's host metrics ``m`` to ``history`` (and tick ``bar``)."""
   history["step"].append(t)
   history["epoch"].append(epoch)
   history["loss"].append(float(m["loss"]))

@@ -1,0 +1,170 @@
+"""Unrolled loops over curvature products (``unroll=``; ``mlmap._loops``).
+
+XLA:CPU runs convolutions in loop bodies and cond branches about 25x slower, so
+CG, Lanczos and the probe loops unroll by default on the CPU when the operator
+convolves, and ``make_train_step`` selects instead of branching. What must hold:
+the unrolled loops give the same numbers as the rolled ones (float64, 1e-12;
+the same iterates, so also the same CG stopping information), the automatic
+choice (Lanczos and the probe loops; CG unrolls on request) is made exactly
+where the trap is, and the lowered program then has no while loop. Speed is measured in ``experiments/bench_linalg.py``, not here.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import optax
+from jax.flatten_util import ravel_pytree
+
+import mlmap as mm
+from mlmap import _loops
+
+
+class _CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Conv(3, (3, 3), strides=2)(x))
+    return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def cnn():
+  kx, ky = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(kx, (6, 6, 6, 1))
+  y = jax.random.randint(ky, (6,), 0, 4)
+  model = _CNN()
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                  model.init(jax.random.PRNGKey(1), x))  # flax inits float32
+  nlp = mm.negative_log_posterior(model.apply, mm.categorical_log_likelihood,
+                                  functools.partial(mm.gaussian_log_prior, sigma=2.0))
+  return nlp, params, x, y
+
+
+def _mlp():
+  x = jax.random.normal(jax.random.PRNGKey(2), (5, 3))
+  nlp = mm.negative_log_posterior(lambda p, a: jnp.tanh(a @ p["w"]) @ p["v"],
+                                  mm.gaussian_log_likelihood)
+  return nlp, {"w": jnp.ones((3, 4)) * 0.3, "v": jnp.ones((4, 2)) * 0.2}, x, jnp.zeros((5, 2))
+
+
+def test_convolution_is_found_through_nested_jaxprs(cnn):
+  nlp, params, x, y = cnn
+  hvp = lambda v: mm.hvp(nlp, params, v, x, y)  # noqa: E731  (conv inside jvp/vjp/pjit)
+  assert _loops.has_convolution(hvp, params)
+  mnlp, mp, mx, my = _mlp()
+  assert not _loops.has_convolution(lambda v: mm.hvp(mnlp, mp, v, mx, my), mp)
+  assert jax.default_backend() != "cpu" or _loops.conv_on_cpu(hvp, params)
+  limit = _loops.AUTO_UNROLL_LIMIT
+  assert _loops.resolve_unroll("f", None, limit, hvp, params) == _loops.conv_on_cpu(hvp, params)
+  assert not _loops.resolve_unroll("f", None, limit + 1, hvp, params)
+  assert _loops.resolve_unroll("f", True, 10_000, hvp, params)
+  with pytest.raises(TypeError, match="unroll must be True, False or None.*'yes'"):
+    _loops.resolve_unroll("mm.cg", "yes", 3, hvp, params)
+
+
+def _lowered(fn, *args):
+  return jax.jit(fn).lower(*args).as_text()
+
+
+def test_unrolled_lanczos_equals_rolled_and_has_no_while_loop(cnn):
+  nlp, params, x, y = cnn
+  v0 = jax.tree_util.tree_map(lambda a: jnp.cos(jnp.arange(a.size).reshape(a.shape)), params)
+
+  def run(p, v, unroll):
+    return mm.lanczos(lambda u: mm.hvp(nlp, p, u, x, y), v, 8, unroll=unroll)
+
+  rolled = jax.jit(functools.partial(run, unroll=False))(params, v0)
+  unrolled = jax.jit(functools.partial(run, unroll=True))(params, v0)
+  for a, b in zip(rolled, unrolled):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-12)
+  assert "while" in _lowered(functools.partial(run, unroll=False), params, v0)
+  assert "while" not in _lowered(functools.partial(run, unroll=True), params, v0)
+  if jax.default_backend() == "cpu":  # the default unrolls this convolutional operator
+    assert "while" not in _lowered(functools.partial(run, unroll=None), params, v0)
+
+
+@pytest.mark.parametrize("tol, lam", [pytest.param(0.0, 1.0, marks=pytest.mark.slow), (3e-2, 1.0),
+                                      pytest.param(0.0, -5.0, marks=pytest.mark.slow)],
+                         ids=["all-iterations", "early-stop", "negative-curvature"])
+def test_unrolled_cg_takes_the_same_iterates_and_stops_the_same(cnn, tol, lam):
+  nlp, params, x, y = cnn
+  b = jax.tree_util.tree_map(lambda a: jnp.sin(1.0 + jnp.arange(a.size)).reshape(a.shape),
+                             params)
+
+  def run(p, b, unroll):
+    def damped(u):
+      return jax.tree_util.tree_map(lambda g, v: g + lam * v, mm.ggn_vp(nlp, p, u, x, y), u)
+    return mm.cg(damped, b, maxiter=6, tol=tol, unroll=unroll)
+
+  (x0, i0), (x1, i1) = (jax.jit(functools.partial(run, unroll=u))(params, b)
+                        for u in (False, True))
+  np.testing.assert_allclose(ravel_pytree(x1)[0], ravel_pytree(x0)[0],
+                             rtol=1e-12, atol=1e-12)
+  for field in ("iterations", "status", "converged", "negative_curvature"):
+    assert int(getattr(i1, field)) == int(getattr(i0, field)), field
+  np.testing.assert_allclose(float(i1.residual_norm), float(i0.residual_norm), rtol=1e-12)
+  if lam < 0:
+    assert bool(i0.negative_curvature)
+  elif tol > 0:
+    assert 0 < int(i0.iterations) < 6
+
+
+@pytest.mark.parametrize("batch_size", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_unrolled_probe_loops_equal_rolled(cnn, batch_size):
+  nlp, params, x, y = cnn
+  key = jax.random.PRNGKey(3)
+
+  def damped(p):
+    return lambda u: jax.tree_util.tree_map(lambda g, v: g + 2.0 * v,
+                                            mm.ggn_vp(nlp, p, u, x, y), u)
+
+  def run(p, unroll):
+    mv = damped(p)
+    return (mm.hutchinson_trace(mv, p, key, 2, batch_size, unroll=unroll),
+            mm.hutchinson_diagonal(mv, p, key, 2, batch_size, unroll=unroll),
+            mm.slq_quadrature(mv, p, key, 2, 4, batch_size, unroll=unroll)[:2],
+            mm.stochastic_logdet(mv, p, key, 2, 4, batch_size, unroll=unroll),
+            mm.spectral_density(mv, p, key, 2, 4, jnp.linspace(0, 5, 7), 0.5, batch_size,
+                                unroll=unroll))
+
+  rolled = jax.jit(functools.partial(run, unroll=False))(params)
+  unrolled = jax.jit(functools.partial(run, unroll=True))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(rolled), jax.tree_util.tree_leaves(unrolled)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-11, atol=1e-12)
+  # The probe loops (5) and the Lanczos loops of the three SLQ calls (3) are gone;
+  # what is left are jax.random.split's own loops.
+  loops = [_lowered(functools.partial(run, unroll=u), params).count("stablehlo.while")
+           for u in (False, True)]
+  assert loops[0] - loops[1] == 8, loops
+
+
+def test_train_step_on_a_convolutional_model_selects_and_still_skips(cnn):
+  """On the CPU the update of a convolutional objective runs outside ``lax.cond``
+  (no branch in the lowered step); a good batch gives ``tx.update``'s step, a
+  non-finite one leaves params and state bit-identical."""
+  nlp, params, x, y = cnn
+  tx = mm.hessian_free(nlp, damping=1.0, maxiter=5)
+  step = mm.make_train_step(nlp, tx)
+  state = tx.init(params)
+  new_p, new_s, m = step(params, state, (x, y))
+  g = jax.grad(nlp)(params, x, y)
+  upd, want_s = jax.jit(lambda p, s: tx.update(g, s, p, batch=(x, y)))(params, state)
+  want_p = optax.apply_updates(params, upd)
+  for a, b in zip(jax.tree_util.tree_leaves((new_p, new_s)),
+                  jax.tree_util.tree_leaves((want_p, want_s))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+  assert not bool(m["skipped"])
+  bad = x.at[0, 0, 0, 0].set(jnp.nan)
+  p2, s2, m2 = step(params, state, (bad, y))
+  assert bool(m2["skipped"])
+  for a, b in zip(jax.tree_util.tree_leaves((p2, s2)), jax.tree_util.tree_leaves((params, state))):
+    assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
+  text = step.lower(params, state, (x, y)).as_text()
+  update_text = jax.jit(lambda p, s: tx.update(g, s, p, batch=(x, y))).lower(
+      params, state).as_text()
+  if jax.default_backend() == "cpu":  # no branch of make_train_step's own around the update
+    assert text.count("stablehlo.case") == update_text.count("stablehlo.case")
