@@ -93,6 +93,7 @@ from mlmap.evidence_online import fit_evidence
 from mlmap.data import accumulate
 from mlmap.data import dataset_diagonal
 from mlmap.data import dataset_matvec
+from mlmap.plotting import plot_spectral_density
 from mlmap.data import dataset_value_and_grad
 # --- sharding ----------------------------------------------------------------
 from mlmap.sharding import batch_sharding
@@ -132,6 +133,7 @@ __all__ = (
     "accumulate",
     "dataset_diagonal",
     "dataset_matvec",
+    "plot_spectral_density",
     "dataset_value_and_grad",
     "batch_sharding",
     "make_mesh",
