@@ -122,7 +122,8 @@ def run(quick: bool, out_dir: Path) -> dict:
       abs_log_diff_maximize_vs_grid=me_rel,
       log_evidence_data_set0=ev[0], test_rmse_data_set0=test[0])
 
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.3), layout="constrained")
+  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained",
+                                gridspec_kw=dict(wspace=0.12))
   ax.plot(lams, ev[0], "C0o-", ms=3, label="mm.log_evidence (data set 0)")
   ax.plot(fine, ev_fine, "k:", lw=1, label="closed form (Bishop 3.86)")
   ax.axvline(lam_me, color="C2", ls="--", label=f"mm.maximize_evidence: {lam_me:.3g}")
@@ -130,10 +131,13 @@ def run(quick: bool, out_dir: Path) -> dict:
          ylim=(np.max(ev[0]) - 40, np.max(ev[0]) + 5), title="Evidence of lambda (data set 0)")
   axr = ax.twinx()
   axr.plot(lams, test[0], "C1s-", ms=3, label="test RMSE")
-  axr.set(yscale="log", ylabel="test RMSE", ylim=(0.2, 20))
+  axr.set(yscale="log", ylim=(0.2, 20))
+  axr.set_ylabel("test RMSE (orange)", color="C1")
   h1, l1 = ax.get_legend_handles_labels()
   h2, l2 = axr.get_legend_handles_labels()
-  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+  # Below the axes: inside, every corner is crossed by one of the two curves.
+  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", ncol=2,
+            bbox_to_anchor=(0.5, -0.14))
   parts = [test_zero, test_ev, test_oracle]
   ax2.boxplot(parts, showfliers=False)
   ax2.set_xticks([1, 2, 3], ["lambda = 0 (ML)", "evidence lambda", "best lambda\n(on test set)"])
