@@ -266,7 +266,7 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
       ``mlmap._loops``), so for a convolutional operator on the CPU the
       unrolled solve runs about as fast as its products; but its compile time
       grows faster than linearly (10 iterations on the 9,930-parameter digits
-      CNN of ``experiments/bench_linalg.py``: 24 s), so it is opt-in.
+      CNN of ``experiments/bench_linalg.py``: 16-30 s), so it is opt-in.
 
   Returns:
     ``(x, info)``: the solution pytree (``b``'s structure and dtypes) and a
