@@ -443,7 +443,7 @@ def reliability_figure(bins: dict, out_dir: Path) -> str:
       ax.plot(conf[keep], acc[keep], "o-", color=c, ms=4, label=label)
     ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="mean confidence in bin",
            ylabel="accuracy in bin", title=f"{model_name}: reliability ({NUM_BINS} bins)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
   return _common.save_figure(fig, out_dir, "laplace_calibration_reliability.png")
 
 
