@@ -58,6 +58,7 @@ from mlmap.spectral import lanczos_eigenvalues
 from mlmap.spectral import slq_quadrature
 from mlmap.spectral import spectral_density
 from mlmap.spectral import stochastic_logdet
+from mlmap.plotting import plot_spectral_density  # matplotlib imported on call
 # --- optimizers --------------------------------------------------------------
 from mlmap.optimizers import HessianFreeState
 from mlmap.optimizers import KFACState
@@ -93,7 +94,6 @@ from mlmap.evidence_online import fit_evidence
 from mlmap.data import accumulate
 from mlmap.data import dataset_diagonal
 from mlmap.data import dataset_matvec
-from mlmap.plotting import plot_spectral_density
 from mlmap.data import dataset_value_and_grad
 # --- sharding ----------------------------------------------------------------
 from mlmap.sharding import batch_sharding
@@ -130,10 +130,10 @@ __all__ = (
     "slq_quadrature",
     "spectral_density",
     "stochastic_logdet",
+    "plot_spectral_density",
     "accumulate",
     "dataset_diagonal",
     "dataset_matvec",
-    "plot_spectral_density",
     "dataset_value_and_grad",
     "batch_sharding",
     "make_mesh",

@@ -184,7 +184,7 @@ def hessian_free(objective, curvature="ggn", damping=1e-3, maxiter=50, *,
     x0 = _tmap(lambda u: (warm_start * u).astype(u.dtype), state.direction)
     d, bd, info, good = _solve(curv, lam, grads, x0, maxiter, tol, precond, min_damping)
     lr = _oc.lr_at(learning_rate, state.count, lam.dtype)
-    f0 = _oc.value_at(objective_u, params, inputs, targets, extra_args)
+    f0 = _oc.value_at(fn, objective_u, params, inputs, targets, extra_args)
     updates, rho, accept = _try_step(objective_u, params, inputs, targets, grads, d, bd,
                                      lr, f0)
     next_lam = _oc.adapt_damping(lam, rho, accept, damping_factor, floor).astype(lam.dtype)

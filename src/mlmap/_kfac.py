@@ -433,7 +433,7 @@ def kfac(objective, learning_rate=1.0, damping="auto", *, decay=0.95, inverse_ev
     finite = finite & _checks.tree_all_finite(step)
     step = _oc.where_tree(finite, step, _tmap(jnp.zeros_like, step))
     if adaptive:
-      f0 = _oc.value_at(objective_u, params, inputs, targets, extra_args)
+      f0 = _oc.value_at(fn, objective_u, params, inputs, targets, extra_args)
       f1 = objective_u(optax.apply_updates(params, step), inputs, targets)
       rho, accept = _oc.reduction_ratio(f0, f1, _model_change((alpha, mu), quad))
       rho = jnp.where(finite, rho, -jnp.finfo(dt).max)

@@ -69,7 +69,7 @@ def noise(f0):
   return 10.0 * eps * (jnp.abs(f0) + 1.0)
 
 
-def value_at(objective, params, inputs, targets, extra_args):
+def value_at(fn: str, objective, params, inputs, targets, extra_args):
   """The objective at ``params`` on the update's batch, for the reduction ratio.
 
   The ``value`` extra argument when given (``mm.make_train_step`` passes the
@@ -81,7 +81,7 @@ def value_at(objective, params, inputs, targets, extra_args):
     return objective(params, inputs, targets)
   value = jnp.asarray(value)
   if value.shape != ():
-    raise ValueError(f"value must be the objective's scalar at params, got shape "
+    raise ValueError(f"{fn}: value must be the objective's scalar at params, got shape "
                      f"{value.shape}.")
   return value
 

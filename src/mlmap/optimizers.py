@@ -157,7 +157,7 @@ def newton(objective, learning_rate=1.0, damping=0.0, *, adaptive=True,
     finite = ok & jnp.all(jnp.isfinite(step))
     step = jnp.where(finite, step, 0.0)
     if adaptive:
-      f0 = _oc.value_at(objective_u, params, inputs, targets, extra_args)
+      f0 = _oc.value_at(fn, objective_u, params, inputs, targets, extra_args)
       f1 = objective_u(unravel(flat_w + step), inputs, targets)
       predicted = g @ step + 0.5 * step @ (h @ step)
       rho, accept = _oc.reduction_ratio(f0, f1, predicted)
@@ -401,7 +401,7 @@ def natural_gradient(objective, learning_rate=1.0, damping=1e-3, *, solver="cg",
     d = _oc.where_tree(ok, d, fallback)
     lr = _oc.lr_at(learning_rate, state.count, dt)
     if adaptive:
-      f0 = _oc.value_at(objective_u, params, inputs, targets, extra_args)
+      f0 = _oc.value_at(fn, objective_u, params, inputs, targets, extra_args)
       rho, accept, next_lam = _ng_accept(objective_u, params, inputs, targets, grads, d,
                                          fvp, lr, lam, floor, damping_factor, f0)
     else:

@@ -79,6 +79,16 @@ def _chunked(keys, batch_size):
   return keys.reshape((keys.shape[0] // batch_size, batch_size) + keys.shape[1:])
 
 
+def _per_chunk(sample, ks):
+  """``sample`` of each key in the chunk ``ks``, stacked on a leading axis.
+
+  No vmap for a single probe: vmap turns ``lax.cond`` (Lanczos restarts) into
+  select, which runs both branches."""
+  if ks.shape[0] == 1:
+    return _tmap(lambda v: v[None], sample(ks[0]))
+  return jax.vmap(sample)(ks)
+
+
 def _moments(sample, keys, batch_size, unroll=False) -> StochasticEstimate:
   """Mean and standard error of ``sample(key)`` over ``keys`` in O(1) memory.
 
@@ -92,10 +102,7 @@ def _moments(sample, keys, batch_size, unroll=False) -> StochasticEstimate:
 
   def step(carry, ks):
     i, mean, m2 = carry
-    # No vmap for single probes: vmap turns lax.cond (Lanczos restarts) into
-    # select, which runs both branches.
-    vals = (_tmap(lambda v: v[None], sample(ks[0])) if batch_size == 1
-            else jax.vmap(sample)(ks))
+    vals = _per_chunk(sample, ks)
     b_mean = _tmap(lambda v: jnp.mean(v, 0), vals)
     b_m2 = _tmap(lambda v, m: jnp.sum((v - m) ** 2, 0), vals, b_mean)
     count = (i * batch_size).astype(jax.tree_util.tree_leaves(zeros)[0].dtype)
@@ -353,9 +360,7 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
                          num_steps)
   rule, keys = _slq_rule(matvec, like, num_steps, unroll), jax.random.split(key, num_probes)
   if unroll:
-    def chunk(ks):  # no vmap for single probes (it turns Lanczos' restart cond into select)
-      return jax.vmap(rule)(ks) if batch_size > 1 else _tmap(lambda a: a[None], rule(ks[0]))
-    parts = [chunk(c) for c in _chunked(keys, batch_size)]
+    parts = [_per_chunk(rule, c) for c in _chunked(keys, batch_size)]
     nodes = jnp.concatenate([q[0] for q in parts])
     weights = jnp.concatenate([q[1] for q in parts])
   else:
