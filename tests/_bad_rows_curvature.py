@@ -114,7 +114,7 @@ def _state_row(name, how, call):
   nlp, params = _BN_NLPS[how]
   x, y = _BN[2], _BN[3]
   return Case(f"cv-{name.replace('_', '-')}-flax-{how}", lambda p: call(nlp, p, x, y),
-              (params,), raises=TypeError, match=rf"{name}: .*'batch_stats'.*not supported")
+              (params,), raises=TypeError, match=rf"{name}: .*'batch_stats'.*has_state=True")
 
 
 # --- options -------------------------------------------------------------------------

@@ -195,7 +195,7 @@ CASES = [
          modes=("eager",)),
     Case("in-nlp-flax-batch-stats-in-params", _bn_whole_variables,
          (_BN_VARS, _BN_X, jnp.ones(4)), raises=TypeError,
-         match=r"'batch_stats'.*not supported yet"),
+         match=r"'batch_stats'.*has_state=True"),
     Case("in-nlp-flax-mutable-outputs", _bn_mutable,
          (_BN_VARS["params"], _BN_VARS["batch_stats"], _BN_X, jnp.ones(4)), raises=TypeError,
          match=r"apply_fn returned \(outputs, state\).*'batch_stats'"),

@@ -23,7 +23,9 @@ from mlmap.priors import weight_decay_to_prior_sigma
 
 # --- posterior ---------------------------------------------------------------
 from mlmap.posterior import NegativeLogPosterior
+from mlmap.posterior import StatefulNegativeLogPosterior
 from mlmap.posterior import negative_log_posterior
+from mlmap._flax import from_nnx  # flax imported on call
 
 # --- linalg (cg, lanczos) ----------------------------------------------------
 from mlmap.linalg import CGInfo
@@ -114,7 +116,9 @@ __all__ = (
     "prior_sigma_to_weight_decay",
     "weight_decay_to_prior_sigma",
     "NegativeLogPosterior",
+    "StatefulNegativeLogPosterior",
     "negative_log_posterior",
+    "from_nnx",
     "CGInfo",
     "CGStatus",
     "cg",

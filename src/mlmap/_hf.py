@@ -18,7 +18,7 @@ from mlmap import _optim_common as _oc
 from mlmap.curvature import ggn_vp_fn, hvp_fn
 from mlmap.dense import ggn_diagonal
 from mlmap.linalg import CGStatus, cg, tree_vdot
-from mlmap.posterior import NegativeLogPosterior
+from mlmap.posterior import is_negative_log_posterior
 
 _tmap = jax.tree_util.tree_map
 _CURVATURES = ("ggn", "hessian")
@@ -210,7 +210,7 @@ def _check_args(fn, objective, curvature, damping, learning_rate, tol, precondit
   if preconditioner not in (None, "diagonal"):
     raise ValueError(f"{fn}: preconditioner must be one of (None, 'diagonal'), got "
                      f"{preconditioner!r}.")
-  is_nlp = isinstance(objective, NegativeLogPosterior)
+  is_nlp = is_negative_log_posterior(objective)
   if not is_nlp and (curvature == "ggn" or preconditioner == "diagonal"):
     raise TypeError(
         f"{fn}: curvature={curvature!r} with preconditioner={preconditioner!r} needs "

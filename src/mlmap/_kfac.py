@@ -23,7 +23,7 @@ from mlmap import laplace as _laplace
 from mlmap import priors as _priors
 from mlmap.curvature import ggn_quadratic_forms
 from mlmap.linalg import tree_vdot
-from mlmap.posterior import NegativeLogPosterior
+from mlmap.posterior import is_negative_log_posterior
 
 _tmap = jax.tree_util.tree_map
 _HIGHEST = lax.Precision.HIGHEST
@@ -247,7 +247,7 @@ def _model_change(coef, quad):
 
 def _check_args(fn, objective, learning_rate, damping, decay, damping_type,
                 damping_factor, min_damping, curvature_fraction, mc_samples):
-  if not isinstance(objective, NegativeLogPosterior):
+  if not is_negative_log_posterior(objective):
     raise TypeError(
         f"{fn} needs a negative_log_posterior (mm.negative_log_posterior(apply_fn, "
         f"log_likelihood, log_prior)) to find the layers of its model and the GGN "
@@ -386,6 +386,10 @@ def kfac(objective, learning_rate=1.0, damping="auto", *, decay=0.95, inverse_ev
   if mc_samples is not None:
     mc_samples = int(mc_samples)
   inverse_every = _oc.check_count(fn, "inverse_every", inverse_every)
+  if example_inputs is not None and objective.has_state:
+    raise ValueError(f"{fn}: example_inputs cannot trace a model with state "
+                     "(has_state=True) before its state is known; build mm.kfac(nlp) "
+                     "without it: the factors are allocated at the first update.")
 
   def init_fn(params):
     _oc.check_params(fn, params)

@@ -318,9 +318,31 @@ def masked_objective(fn: str, objective, params, extra_args):
   return lambda p, x, t: objective(_merge(p, full), x, t)
 
 
+def bound_objective(fn: str, objective, extra_args):
+  """A stateful nlp bound to the update's ``model_state`` and ``rng``; others as given.
+
+  ``mm.make_train_step`` passes the state and the step's key, so the curvature
+  is that of the training-mode network whose gradient the step took (the same
+  dropout mask, the batch's statistics). Without a ``model_state`` the update
+  cannot evaluate the model: ``ValueError`` naming the remedy.
+  """
+  if not getattr(objective, "has_state", False):
+    return objective
+  if extra_args.get("model_state") is None:
+    raise ValueError(
+        f"{fn}: the objective has model state (has_state=True), so the update needs "
+        "it: pass model_state=... and rng=key (None: evaluation mode) to "
+        "tx.update(grads, state, params, batch=..., model_state=..., rng=...); "
+        "mm.make_train_step does this for you.")
+  return objective.bind(extra_args["model_state"], extra_args.get("rng"))
+
+
 def update_problem(fn: str, objective, grads, params, extra_args):
-  """:func:`check_update` after :func:`masked_objective`: ``(objective, inputs, targets)``."""
+  """:func:`check_update` after :func:`masked_objective`: ``(objective, inputs, targets)``.
+
+  A stateful objective is first bound to the update's state (:func:`bound_objective`)."""
   get_batch(fn, params, extra_args)  # no params / no batch: the error names the remedy
+  objective = bound_objective(fn, objective, extra_args)
   objective = masked_objective(fn, objective, params, extra_args)
   return (objective,) + check_update(fn, objective, grads, params, extra_args)
 

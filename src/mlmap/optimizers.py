@@ -37,7 +37,7 @@ from mlmap._ncg import NonlinearCGState, nonlinear_cg  # re-exported
 from mlmap.curvature import fisher_vp_fn
 from mlmap.dense import DEFAULT_MAX_BYTES, fisher_matrix, hessian_matrix
 from mlmap.linalg import CGStatus, cg, tree_vdot
-from mlmap.posterior import NegativeLogPosterior
+from mlmap.posterior import is_negative_log_posterior
 
 _tmap = jax.tree_util.tree_map
 
@@ -245,7 +245,7 @@ def _ng_direction(objective, solver, maxiter, tol, max_bytes, grads, params,
 
 def _ng_check_args(fn, objective, solver, learning_rate, damping, tol, damping_factor,
                    min_damping, curvature_fraction, max_bytes):
-  if not isinstance(objective, NegativeLogPosterior):
+  if not is_negative_log_posterior(objective):
     raise TypeError(
         f"{fn} needs a negative_log_posterior (mm.negative_log_posterior(apply_fn, "
         f"log_likelihood, ...)) to take a Fisher of its likelihood; got "

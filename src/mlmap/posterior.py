@@ -9,6 +9,7 @@ the likelihood apart again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -33,10 +34,12 @@ def batch_size(inputs) -> int:
 
 _STATE_COLLECTIONS = ("batch_stats", "cache", "intermediates", "losses", "perturbations")
 _STATE_HINT = (
-    "Model state is not supported yet: close over the state in apply_fn and run the "
-    "model in eval mode, e.g. apply_fn = lambda p, x: model.apply("
-    "{'params': p, 'batch_stats': batch_stats}, x, train=False), and pass only the "
-    "'params' collection as params.")
+    "Pass only the weights ('params' collection) as params, and the model state "
+    "apart: mm.negative_log_posterior(apply_fn, ..., has_state=True) with "
+    "apply_fn(params, inputs, *, state, rng) -> (outputs, new_state), then "
+    "nlp.bind(state) for the evaluation-mode objective; or close over the state in "
+    "apply_fn, e.g. lambda p, x: model.apply({'params': p, 'batch_stats': "
+    "batch_stats}, x, train=False).")
 
 
 def _state_in_params(params):
@@ -80,8 +83,8 @@ def check_stateless_model(fn: str, params, outputs) -> None:
     outputs: what ``apply_fn`` returned, or ``None``.
 
   Raises:
-    TypeError: naming the collection(s) found, saying model state is not
-      supported yet and how to close over it (eval mode).
+    TypeError: naming the collection(s) found, and how to pass the state apart
+      (``has_state=True``) or close over it (evaluation mode).
   """
   found = _state_in_params(params)
   where = "params has the top-level collection"
@@ -155,8 +158,129 @@ class NegativeLogPosterior:
   def __call__(self, params, inputs, targets):
     return self.data_term(params, inputs, targets) + self.prior_term(params)
 
+  @property
+  def has_state(self) -> bool:
+    """False: ``apply_fn(params, inputs)`` has no model state (see :class:`StatefulNegativeLogPosterior`)."""
+    return False
 
-def negative_log_posterior(apply_fn, log_likelihood, log_prior=None, num_data=None):
+
+_MISSING = object()
+
+_BIND_HINT = (
+    "curvature, the Laplace approximation and the optimizers take the objective at "
+    "a fixed model state: nlp.bind(state) (evaluation mode: no dropout, running "
+    "statistics) or nlp.bind(state, rng) (training mode with one dropout mask); "
+    "mm.make_train_step(nlp, tx) threads the state itself.")
+
+
+def _shapes(tree):
+  """Leaf shapes (a flax ``FrozenDict`` compares as the dict it holds)."""
+  if isinstance(tree, Mapping) and not isinstance(tree, dict):
+    tree = dict(tree)
+  return jax.tree_util.tree_map(jnp.shape, tree)
+
+
+def call_model(model_fn, params, inputs, state, rng):
+  """``model_fn(params, inputs, state=state, rng=rng)``, checked: ``(outputs, new_state)``.
+
+  The new state must have the old state's tree structure and shapes (read at
+  trace time), else ``ValueError`` showing both; it is cast to the old state's
+  dtypes (flax linen keeps float32 batch statistics that float64 inputs update
+  in float64), so a jitted loop that carries it never retraces.
+  """
+  fn = "negative_log_posterior"
+  check_stateless_model(fn, params, None)
+  result = model_fn(params, inputs, state=state, rng=rng)
+  if not (isinstance(result, tuple) and len(result) == 2):
+    raise TypeError(f"{fn}: with has_state=True, apply_fn(params, inputs, *, state, rng) "
+                    f"must return (outputs, new_state), got {type(result).__name__}.")
+  outputs, new_state = result
+  if _shapes(new_state) != _shapes(state):
+    raise ValueError(f"{fn}: apply_fn returned a new state unlike the state it was "
+                     f"given (tree and shapes): {_shapes(new_state)} against "
+                     f"{_shapes(state)}.")
+  old_leaves, treedef = jax.tree_util.tree_flatten(state)
+  new_state = jax.tree_util.tree_unflatten(treedef, [
+      jnp.asarray(n, jnp.result_type(o))
+      for n, o in zip(jax.tree_util.tree_leaves(new_state), old_leaves)])
+  return outputs, new_state
+
+
+def _apply_at(model_fn, state, rng, params, inputs):
+  return call_model(model_fn, params, inputs, state, rng)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class StatefulNegativeLogPosterior:
+  r"""MAP objective of a model with state and randomness; see :func:`negative_log_posterior`.
+
+  The model is ``model_fn(params, inputs, *, state, rng) -> (outputs, new_state)``:
+  ``state`` is a pytree of non-trained variables (flax ``batch_stats``), and
+  ``rng=None`` means **evaluation mode** (deterministic: no dropout, batch-norm
+  running statistics), a PRNG key training mode (dropout drawn from it,
+  batch statistics, ``new_state`` the updated running statistics).
+
+  There is no ``nlp(params, inputs, targets)`` without a state: call
+  ``nlp(params, inputs, targets, state=s, rng=None)``, or take
+  ``nlp.bind(s)``, the ordinary :class:`NegativeLogPosterior` of the
+  evaluation-mode network with the state held fixed, which every curvature,
+  Laplace and evidence function accepts. ``nlp.apply_fn`` raises ``TypeError``
+  saying so, so a stateful nlp is never differentiated with a made-up state.
+
+  Attributes:
+    model_fn: the stateful model.
+    log_likelihood, log_prior, num_data: as in :class:`NegativeLogPosterior`.
+  """
+  model_fn: Callable[..., Any]
+  log_likelihood: Callable[..., Any]
+  log_prior: Optional[Callable[..., Any]] = None
+  num_data: Optional[int] = None
+
+  @property
+  def has_state(self) -> bool:
+    return True
+
+  @property
+  def apply_fn(self):
+    raise TypeError(f"negative_log_posterior: this nlp has model state (has_state=True), "
+                    f"so it has no apply_fn(params, inputs); {_BIND_HINT}")
+
+  def bind(self, state, rng=None) -> NegativeLogPosterior:
+    """The stateless objective ``w -> nlp(w, X, T; state, rng)`` (``new_state`` dropped).
+
+    ``rng=None``: the evaluation-mode network (what the Laplace approximation and
+    the curvature of a trained model should use). A key: the training-mode
+    network with that dropout mask and the batch's statistics, which is what
+    ``mm.make_train_step`` differentiates; ``mm.hessian_free`` and the other
+    curvature optimizers take their products of it.
+    """
+    apply_fn = functools.partial(_apply_at, self.model_fn, state, rng)
+    return NegativeLogPosterior(apply_fn, self.log_likelihood, self.log_prior, self.num_data)
+
+  def loss_and_state(self, params, inputs, targets, *, state, rng=None):
+    """``(nlp(params, inputs, targets), new_state)`` of one call of the model."""
+    base = NegativeLogPosterior(None, self.log_likelihood, self.log_prior, self.num_data)
+    scale = base.scale(inputs)
+    outputs, new_state = call_model(self.model_fn, params, inputs, state, rng)
+    check_stateless_model("negative_log_posterior", None, outputs)
+    data = -scale * jnp.sum(self.log_likelihood(outputs, targets))
+    return data + base.prior_term(params), new_state
+
+  def __call__(self, params, inputs, targets, *, state=_MISSING, rng=None):
+    if state is _MISSING:
+      raise TypeError("negative_log_posterior: this nlp has model state "
+                      "(has_state=True): call nlp(params, inputs, targets, state=..., "
+                      f"rng=None); {_BIND_HINT}")
+    return self.loss_and_state(params, inputs, targets, state=state, rng=rng)[0]
+
+
+def is_negative_log_posterior(obj) -> bool:
+  """An nlp of :func:`negative_log_posterior`, with or without model state."""
+  return isinstance(obj, (NegativeLogPosterior, StatefulNegativeLogPosterior))
+
+
+def negative_log_posterior(apply_fn, log_likelihood, log_prior=None, num_data=None, *,
+                           has_state=False):
   r"""Build the MAP objective (negative log-posterior up to ``log p(D)``).
 
   .. math::
@@ -180,9 +304,16 @@ def negative_log_posterior(apply_fn, log_likelihood, log_prior=None, num_data=No
       ``functools.partial(mm.gaussian_log_likelihood, sigma=0.5)``.
     log_prior: scalar ``log p(w)`` or ``None`` for a flat prior (ML estimation).
     num_data: ``N`` >= 1, the number of examples in the full data set.
+    has_state: the model has state and randomness (batch norm, dropout):
+      ``apply_fn(params, inputs, *, state, rng) -> (outputs, new_state)``, with
+      ``rng=None`` meaning evaluation mode. Then the result is a
+      :class:`StatefulNegativeLogPosterior`; ``nlp.bind(state)`` is the
+      evaluation-mode objective, and ``mm.make_train_step`` / ``mm.fit`` thread
+      the state and a per-step key. docs/models.md shows flax linen and NNX.
 
   Returns:
-    A :class:`NegativeLogPosterior`.
+    A :class:`NegativeLogPosterior` (a :class:`StatefulNegativeLogPosterior`
+    with ``has_state=True``).
 
   Examples:
     >>> import functools, jax.numpy as jnp, mlmap as mm
@@ -203,4 +334,8 @@ def negative_log_posterior(apply_fn, log_likelihood, log_prior=None, num_data=No
     if not _checks.is_concrete(num_data) or int(num_data) != num_data or num_data < 1:
       raise ValueError(f"{fn}: num_data must be an integer >= 1, got {num_data!r}.")
     num_data = int(num_data)
+  if not isinstance(has_state, bool):
+    raise TypeError(f"{fn}: has_state must be True or False, got {has_state!r}.")
+  if has_state:
+    return StatefulNegativeLogPosterior(apply_fn, log_likelihood, log_prior, num_data)
   return NegativeLogPosterior(apply_fn, log_likelihood, log_prior, num_data)

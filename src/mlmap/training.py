@@ -72,6 +72,18 @@ def make_train_step(objective, tx, *, jit=True):
   step: the update runs, its own guards apply, and only ``params`` are kept when
   it is non-finite; the step retraces once for the filled state.)
 
+  **Model state.** For an objective built with
+  ``mm.negative_log_posterior(..., has_state=True)`` the step is
+  ``step(params, opt_state, batch, model_state, rng) -> (params, opt_state,
+  metrics, model_state)``: the loss and gradient are those of the training-mode
+  network (dropout drawn from ``rng``, batch statistics), the new model state
+  (running statistics) comes from the same forward pass, and it is kept or
+  discarded together with the update. The transformation also receives
+  ``model_state=`` and ``rng=``, and mlmap's curvature optimizers take their
+  products of ``nlp.bind(model_state, rng)``: the same training-mode function,
+  with the same dropout mask. Draw a fresh ``rng`` per step
+  (``jax.random.fold_in(key, t)``; :func:`fit` does).
+
   The transformation receives the extra keyword arguments ``batch=(X, T)``
   (mlmap's curvature optimizers), ``value=ell`` and ``grad=g`` (at the old
   params) and ``value_fn = obj_fn = lambda w: f(w; X, T)`` (the objective bound
@@ -115,52 +127,103 @@ def make_train_step(objective, tx, *, jit=True):
     raise TypeError(f"make_train_step: tx must be an optax.GradientTransformation, "
                     f"got {type(tx).__name__}.")
   tx = optax.with_extra_args_support(tx)
+  stateful = bool(getattr(objective, "has_state", False))
 
-  def step(params, opt_state, batch):
+  def step(params, opt_state, batch, model_state=None, rng=None):
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
       raise ValueError(f"train step: batch must be a pair (inputs, targets), got "
                        f"{type(batch).__name__}.")
     _checks.check_float_leaves("make_train_step", params)
     inputs, targets = batch
-    loss, grads = _value_and_grad(objective, params, inputs, targets)
-    grad_norm = optax.tree.norm(grads)
-    finite_in = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def apply(_):
-      value_fn = functools.partial(_bound, objective, inputs, targets)
-      updates, new_state = tx.update(grads, opt_state, params, batch=(inputs, targets),
-                                     value=loss, grad=grads, value_fn=value_fn,
-                                     obj_fn=value_fn, full_params=params)
-      new_params = optax.apply_updates(params, updates)
-      ok = _checks.tree_all_finite((new_params, new_state, updates))
-      return new_params, new_state, ok
-
-    def skip(_):
-      return params, opt_state, jnp.asarray(False)
-
-    if _has_none(opt_state) and (jax.tree_util.tree_structure(jax.eval_shape(apply, None)[1])
-                                 != jax.tree_util.tree_structure(opt_state)):
-      # The first update fills a lazily allocated state (mm.kfac without
-      # example_inputs): there is no old state of its structure to fall back to, so
-      # the update runs unconditionally (its own NaN guards apply) and only the
-      # params are kept when it is non-finite. The next call retraces once.
-      new_params, new_state, ok = apply(None)
-      ok = ok & finite_in
-      new_params = _tmap(lambda n, o: jnp.where(ok, n, o), new_params, params)
-      return new_params, new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
-    if _loops.conv_on_cpu(objective, params, inputs, targets):
-      # XLA:CPU runs a convolution inside a cond branch ~25x slower than at top
-      # level (mlmap._loops): compute the update unconditionally and select.
-      new_params, new_state, ok = apply(None)
-      ok = ok & finite_in
+    if stateful:
+      _check_state_args(model_state, rng)
+      bound = objective.bind(model_state, rng)
+      loss, grads, new_model_state = _stateful_value_and_grad(
+          objective, params, inputs, targets, model_state, rng)
+      extra = {"model_state": model_state, "rng": rng}
     else:
-      new_params, new_state, ok = lax.cond(finite_in, apply, skip, None)
-    new_params = _tmap(lambda n, o: jnp.where(ok, n, o), new_params, params)
-    new_state = _tmap(lambda n, o: jnp.where(ok, n, o), new_state, opt_state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
+      if model_state is not None or rng is not None:
+        raise TypeError("train step: model_state / rng were given, but the objective "
+                        "has no model state; build it with "
+                        "mm.negative_log_posterior(..., has_state=True).")
+      bound, extra, new_model_state = objective, {}, None
+      loss, grads = _value_and_grad(objective, params, inputs, targets)
+    new_params, new_state, new_model_state, metrics = _guarded_update(
+        tx, bound, params, opt_state, (inputs, targets), loss, grads, extra,
+        (model_state, new_model_state))
+    if stateful:
+      return new_params, new_state, metrics, new_model_state
     return new_params, new_state, metrics
 
   return jax.jit(step) if jit else step
+
+
+def _check_state_args(model_state, rng):
+  """A stateful step needs the model state and a key (``rng=None`` would train in
+  evaluation mode: frozen statistics, no dropout)."""
+  if model_state is None or rng is None:
+    missing = " and ".join(n for n, v in (("model_state", model_state), ("rng", rng))
+                           if v is None)
+    raise TypeError(
+        f"train step: the objective has model state (has_state=True), so the step is "
+        f"step(params, opt_state, batch, model_state, rng) -> (params, opt_state, "
+        f"metrics, model_state); {missing} missing (rng=None would be evaluation mode; "
+        "a model without dropout still takes a key, which it ignores).")
+
+
+def _stateful_value_and_grad(objective, params, inputs, targets, model_state, rng):
+  """``(loss, grads, new_model_state)`` of the training-mode network in one pass."""
+  def f(p):
+    return objective.loss_and_state(p, inputs, targets, state=model_state, rng=rng)
+  (loss, new_model_state), grads = jax.value_and_grad(f, has_aux=True)(params)
+  return loss, grads, new_model_state
+
+
+def _guarded_update(tx, objective, params, opt_state, batch, loss, grads, extra,
+                    model_states):
+  """The optimizer's update, kept only when the inputs and results are finite.
+
+  ``model_states`` is ``(old, new)`` (both None for a stateless objective): the
+  new model state is kept with the update and is part of what must be finite.
+  Returns ``(params, opt_state, model_state, metrics)``.
+  """
+  inputs, targets = batch
+  old_ms, new_ms = model_states
+  grad_norm = optax.tree.norm(grads)
+  finite_in = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+               & _checks.tree_all_finite(new_ms))
+
+  def apply(_):
+    value_fn = functools.partial(_bound, objective, inputs, targets)
+    updates, new_state = tx.update(grads, opt_state, params, batch=(inputs, targets),
+                                   value=loss, grad=grads, value_fn=value_fn,
+                                   obj_fn=value_fn, full_params=params, **extra)
+    new_params = optax.apply_updates(params, updates)
+    ok = _checks.tree_all_finite((new_params, new_state, updates))
+    return new_params, new_state, ok
+
+  def skip(_):
+    return params, opt_state, jnp.asarray(False)
+
+  lazy = _has_none(opt_state) and (jax.tree_util.tree_structure(
+      jax.eval_shape(apply, None)[1]) != jax.tree_util.tree_structure(opt_state))
+  if lazy or _loops.conv_on_cpu(objective, params, inputs, targets):
+    # lazy: the first update fills a lazily allocated state (mm.kfac without
+    # example_inputs), so there is no old state of its structure to fall back to;
+    # the update runs unconditionally (its own NaN guards apply) and only the
+    # params are kept when it is non-finite. The next call retraces once.
+    # conv: XLA:CPU runs a convolution inside a cond branch ~25x slower than at
+    # top level (mlmap._loops): compute the update unconditionally and select.
+    new_params, new_state, ok = apply(None)
+    ok = ok & finite_in
+  else:
+    new_params, new_state, ok = lax.cond(finite_in, apply, skip, None)
+  new_params = _tmap(lambda n, o: jnp.where(ok, n, o), new_params, params)
+  if not lazy:
+    new_state = _tmap(lambda n, o: jnp.where(ok, n, o), new_state, opt_state)
+  new_ms = _tmap(lambda n, o: jnp.where(ok, n, o), new_ms, old_ms)
+  metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~ok}
+  return new_params, new_state, new_ms, metrics
 
 
 def _has_none(tree) -> bool:
@@ -168,13 +231,15 @@ def _has_none(tree) -> bool:
   return any(x is None for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: x is None))
 
 
-def _bound(objective, inputs, targets, params, batch=None, obj_fn=None, full_params=None):
+def _bound(objective, inputs, targets, params, batch=None, obj_fn=None, full_params=None,
+           model_state=None, rng=None):
   """``objective(params, inputs, targets)``: the objective bound to one batch.
 
   It accepts (and ignores) the step's other extra arguments: optax's line
   searches forward every extra argument they do not consume to ``value_fn``
-  and refuse any that it does not name."""
-  del batch, obj_fn, full_params
+  and refuse any that it does not name. (A stateful objective arrives here
+  already bound to its model state and key.)"""
+  del batch, obj_fn, full_params, model_state, rng
   return objective(params, inputs, targets)
 
 
@@ -189,11 +254,14 @@ class FitResult(NamedTuple):
     step: number of steps taken in total (including before a resume).
     history: dict of lists: ``step``, ``epoch``, ``loss``, ``grad_norm``,
       ``skipped`` per step, and ``eval`` as ``(step, value)`` pairs.
+    model_state: the final model state (batch-norm statistics) of a stateful
+      objective, else None.
   """
   params: Any
   opt_state: Any
   step: int
   history: dict
+  model_state: Any = None
 
 
 class StopTraining(Exception):
@@ -239,20 +307,26 @@ def resume_parts(fn, path, like, plain):
   out = {k: _restore_like(part[k], ref, [k], specs, values, (fn, path, f"the given {k}"))
          for k, ref in like.items()}
   out.update({k: _build(part[k], specs, values) for k in plain})
-  key = out.get("key")
-  if isinstance(key, dict) and "typed" in key:  # a converted pre-format checkpoint
-    out["key"] = jax.random.wrap_key_data(jnp.asarray(key["typed"]), impl=key["impl"])
-  elif isinstance(key, np.ndarray):
-    out["key"] = jnp.asarray(key)
+  for name in ("key", "rng"):
+    key = out.get(name)
+    if isinstance(key, dict) and "typed" in key:  # a converted pre-format checkpoint
+      out[name] = jax.random.wrap_key_data(jnp.asarray(key["typed"]), impl=key["impl"])
+    elif isinstance(key, np.ndarray):
+      out[name] = jnp.asarray(key)
   return out
 
 
-def _resume(path, params, opt_state):
-  """``(params, opt_state, step, key, history)`` from the fit checkpoint ``path``."""
-  out = resume_parts("fit", path, {"params": params, "opt_state": opt_state},
-                     ("step", "key", "history"))
-  return (out["params"], out["opt_state"], int(out["step"]), out["key"],
-          _history_from_ckpt(out["history"]))
+def _resume(path, state):
+  """``(state, step, key, history)`` from the fit checkpoint ``path``.
+
+  ``state`` holds the given ``params``, ``opt_state`` (and ``model_state``, ``rng``
+  of a stateful objective); the checkpoint's replace them, checked leaf by leaf.
+  """
+  like = {k: v for k, v in state.items() if k != "rng"}
+  plain = ("step", "key", "history") + (("rng",) if "rng" in state else ())
+  out = resume_parts("fit", path, like, plain)
+  restored = {k: out[k] for k in state}
+  return restored, int(out["step"]), out["key"], _history_from_ckpt(out["history"])
 
 
 def _batches(data, batch_size, key, epoch):
@@ -321,7 +395,8 @@ def _check_int(fn, name, value, low, optional):
 def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
         tx=None, eval_fn: Optional[Callable] = None, eval_every=None,
         checkpoint_dir=None, checkpoint_every=None, resume=True,
-        callback: Optional[Callable] = None, progress=True, log_every=25) -> FitResult:
+        callback: Optional[Callable] = None, progress=True, log_every=25,
+        model_state=None, rng=None) -> FitResult:
   r"""Train for ``epochs`` over minibatches, with history, evaluation and checkpoints.
 
   Epoch ``e`` visits the examples in the order
@@ -371,9 +446,16 @@ def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
       accelerator stays busy; the history still holds every step (fetched in
       one transfer), and it is complete before each evaluation, checkpoint
       and return. ``log_every=1`` fetches (and waits for) every step.
+    model_state: the initial model state of a stateful objective
+      (``has_state=True``: batch-norm statistics; ``{}`` for dropout alone).
+      Step ``t`` (counted from 0) gets the key ``jax.random.fold_in(rng, t)``;
+      the state is checkpointed with the params, so a resumed run is bit-exact.
+      ``eval_fn`` is then called as ``eval_fn(params, model_state)``.
+    rng: the PRNG key of the per-step keys (dropout); required with
+      ``model_state``.
 
   Returns:
-    A :class:`FitResult` ``(params, opt_state, step, history)``.
+    A :class:`FitResult` ``(params, opt_state, step, history, model_state)``.
   """
   fn = "fit"
   if tx is not None:
@@ -396,14 +478,20 @@ def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
   _check_int(fn, "checkpoint_every", checkpoint_every, 1, optional=True)
   _check_int(fn, "eval_every", eval_every, 1, optional=True)
   _check_int(fn, "log_every", log_every, 1, optional=False)
+  if (model_state is None) != (rng is None):
+    raise ValueError(f"{fn}: a stateful objective needs both model_state and rng "
+                     f"(got model_state={'None' if model_state is None else '...'}, "
+                     f"rng={'None' if rng is None else '...'}).")
 
   history = {"step": [], "epoch": [], "loss": [], "grad_norm": [], "skipped": [],
              "eval": []}
   start = 0
   path = None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_NAME)
-  if path is not None and resume and os.path.exists(path):
-    params, opt_state, start, key, history = _resume(path, params, opt_state)
   state = {"params": params, "opt_state": opt_state}
+  if model_state is not None:
+    state.update(model_state=model_state, rng=rng)
+  if path is not None and resume and os.path.exists(path):
+    state, start, key, history = _resume(path, state)
   plan = (eval_fn, eval_every, path, checkpoint_every, callback, log_every)
   try:
     from tqdm.auto import tqdm
@@ -419,7 +507,8 @@ def fit(step, params, opt_state, data, *, epochs=1, batch_size=None, key=None,
     if bar is not None:
       bar.close()
   return FitResult(params=state["params"], opt_state=state["opt_state"],
-                   step=max(t, start), history=history)
+                   step=max(t, start), history=history,
+                   model_state=state.get("model_state"))
 
 
 def _run_epochs(step, state, history, epoch_batches, steps_per_epoch, epochs, start,
@@ -449,21 +538,21 @@ def _run_epochs(step, state, history, epoch_batches, steps_per_epoch, epochs, st
         if t < start:
           t += 1
           continue
-        params, opt_state, metrics = step(state["params"], state["opt_state"],
-                                          tuple(batch))
-        state["params"], state["opt_state"] = params, opt_state
+        params, opt_state, metrics = _take_step(step, state, tuple(batch), t)
         t += 1
         pending.append((t, epoch, metrics))
         if len(pending) >= 2 * log_every:
           flush(keep=log_every)
         if eval_fn is not None and (t % eval_every == 0 if eval_every else last):
           flush()
-          history["eval"].append((t, jax.device_get(eval_fn(params))))
+          value = (eval_fn(params) if "model_state" not in state
+                   else eval_fn(params, state["model_state"]))
+          history["eval"].append((t, jax.device_get(value)))
           _show_eval(bar, history["eval"][-1][1], shown)
         if path is not None and (t % checkpoint_every == 0 if checkpoint_every else last):
           flush()
-          save_checkpoint(path, {"params": params, "opt_state": opt_state, "step": t,
-                                 "key": key, "history": _history_to_ckpt(history)})
+          save_checkpoint(path, {**state, "step": t, "key": key,
+                                 "history": _history_to_ckpt(history)})
         if callback is not None and callback(t, params, opt_state, metrics):
           return t
   except StopTraining:
@@ -471,6 +560,18 @@ def _run_epochs(step, state, history, epoch_batches, steps_per_epoch, epochs, st
   finally:
     flush()
   return t
+
+
+def _take_step(step, state, batch, t):
+  """One step on ``state`` (updated in place); a stateful one gets the key of step ``t``."""
+  if "model_state" not in state:
+    params, opt_state, metrics = step(state["params"], state["opt_state"], batch)
+  else:
+    rng_t = jax.random.fold_in(state["rng"], t)
+    params, opt_state, metrics, state["model_state"] = step(
+        state["params"], state["opt_state"], batch, state["model_state"], rng_t)
+  state["params"], state["opt_state"] = params, opt_state
+  return params, opt_state, metrics
 
 
 def _record_all(history, pending, bar, shown):
