@@ -169,8 +169,9 @@ def test_hessian_free_takes_its_products_of_the_training_mode_network(problem):
 
 
 @pytest.mark.parametrize("make_tx", [lambda nlp: optax.adam(5e-2),
-                                     lambda nlp: mm.hessian_free(nlp, damping="auto",
-                                                                 maxiter=10)],
+                                     pytest.param(lambda nlp: mm.hessian_free(
+                                         nlp, damping="auto", maxiter=10),
+                                         marks=pytest.mark.slow)],
                          ids=["adam", "hessian_free"])
 def test_fit_trains_a_batchnorm_dropout_network(problem, make_tx):
   nlp, params, state, x, y = problem
@@ -268,6 +269,7 @@ def test_a_new_state_of_another_shape_is_refused_and_dtypes_are_kept(problem):
   assert new["n"].dtype == jnp.float32 and float(new["n"]) == 1.0
 
 
+@pytest.mark.slow
 def test_kfac_trains_a_stateful_model_through_the_train_step(problem):
   nlp, params, state, x, y = problem
   tx = mm.kfac(nlp, damping=1.0)

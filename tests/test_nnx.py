@@ -106,7 +106,7 @@ def test_curvature_and_laplace_equal_the_plain_jax_network(mlp, data):
 @pytest.mark.parametrize("make_tx", [
     lambda nlp: mm.hessian_free(nlp, damping=1.0, maxiter=8),
     lambda nlp: mm.natural_gradient(nlp, damping=1.0),
-    lambda nlp: mm.kfac(nlp, damping=1.0),
+    pytest.param(lambda nlp: mm.kfac(nlp, damping=1.0), marks=pytest.mark.slow),
 ], ids=["hessian_free", "natural_gradient", "kfac"])
 def test_optimizer_steps_equal_the_plain_jax_networks(mlp, data, make_tx):
   apply_fn, params, _ = mlp
@@ -187,6 +187,7 @@ def test_stateful_nnx_curvature_is_that_of_the_frozen_network(bn_model, data):
                              mm.ggn_matrix(ref, params, x, y), rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_stateful_nnx_trains_with_hessian_free_and_resumes_bit_exactly(bn_model, data,
                                                                         tmp_path):
   _, apply_fn, params, state, nlp = bn_model
