@@ -258,3 +258,18 @@ def test_spectral_names_non_floating_like_leaf_and_checks_key():
   est = mm.hutchinson_trace(mv, ok, jax.random.key(0), 2)
   np.testing.assert_allclose(est.estimate, 4.0)
 
+
+
+def test_lanczos_matches_matfree():
+  """An independent implementation (matfree, Krämer et al.; optional, skipped when
+  not installed): the same tridiagonal matrix from the same start vector."""
+  decomp = pytest.importorskip("matfree.decomp")
+  a = jax.random.normal(jax.random.PRNGKey(7), (40, 40), jnp.float64)
+  a = a @ a.T / 40 + jnp.eye(40)
+  v0 = jax.random.normal(jax.random.PRNGKey(8), (40,), jnp.float64)
+  ours = jax.jit(lambda v: mm.lanczos(lambda u: a @ u, v, 15))(v0)
+  theirs = decomp.tridiag_sym(15, reortho="full", custom_vjp=False, materialize=False)(
+      lambda u: a @ u, v0)
+  diag, off = theirs.J_small
+  np.testing.assert_allclose(ours.alphas, diag, rtol=1e-10)
+  np.testing.assert_allclose(ours.betas, off, rtol=1e-10)
