@@ -16,7 +16,9 @@ stride 2) -> Dense(10)``, P = 9,930, batch 512) and on a digits MLP, float32:
 * ``mm.lanczos`` with 30 steps, rolled (``unroll=False``) and with the
   default (``unroll=None``: unrolled on the CPU when the operator convolves),
   and ``mm.cg`` with 10 iterations (``tol=0``, so all run), rolled and
-  ``unroll=True``;
+  ``unroll=True``, and with 30 iterations rolled, default (``unroll=None``:
+  ``"host"`` on the CPU when the operator convolves) and ``unroll="host"``
+  (the issue's target: at most 1.3x the 30 jitted products);
 * the same products unrolled at top level and inside one ``lax.cond`` branch;
 * one ``mm.hessian_free`` train step (``maxiter=30``) against its cost model of
   standalone jitted calls (one ``value_and_grad`` + 32 GGN products + 1 loss).
@@ -122,13 +124,25 @@ def measure_loops(nlp, params, x, y, steps, cg_steps, lam=1.0):
       return jax.tree_util.tree_map(lambda a, b: a + lam * b, mm.ggn_vp(nlp, p, u, x, y), u)
     return mm.cg(damped, v, maxiter=cg_steps, tol=0.0, unroll=unroll)[0]
 
+  res["ggn_calls_30"] = _median_time(_repeat(gvp, 30), params, v)
+
+  def cg30(p, v, unroll):
+    def damped(u):
+      return jax.tree_util.tree_map(lambda a, b: a + lam * b, mm.ggn_vp(nlp, p, u, x, y), u)
+    return mm.cg(damped, v, maxiter=30, tol=0.0, unroll=unroll)[0]
+
   for name, fn, base, variants in (("lanczos", lanczos, "hvp_calls", (False, None)),
-                                   ("cg", cg, "ggn_calls", (False, True))):
+                                   ("cg", cg, "ggn_calls", (False, True)),
+                                   ("cg30", cg30, "ggn_calls_30", (False, None, "host"))):
     for unroll in variants:
-      tag = {False: "rolled", None: "default", True: "unrolled"}[unroll]
+      tag = {False: "rolled", None: "default", True: "unrolled", "host": "host"}[unroll]
       c, t_compile = _compiled(lambda p, v, u=unroll: fn(p, v, u), params, v)
+      t0 = time.perf_counter()  # "host" compiles its product on the first call
+      jax.block_until_ready(c(params, v))
+      t_first = time.perf_counter() - t0
       t = _median_time(c, params, v)
-      res[f"{name}_{tag}"] = dict(seconds=t, compile_seconds=t_compile, ratio=t / res[base])
+      res[f"{name}_{tag}"] = dict(seconds=t, compile_seconds=t_compile,
+                                  first_call_seconds=t_first, ratio=t / res[base])
   # The same products unrolled, at top level and inside one lax.cond branch.
   def in_cond(p, v, flag):
     return jax.lax.cond(flag, lambda u: _repeat(hvp_plain, steps)(p, u), lambda u: u, v)
@@ -236,6 +250,13 @@ def main(argv=None):
         print(f"| {name} | {loop} {n} ({other}) | {r['seconds']:.3f} ({r['ratio']:.2f}x) | "
               f"{d['seconds']:.3f} ({d['ratio']:.2f}x) | {r['compile_seconds']:.1f} / "
               f"{d['compile_seconds']:.1f} |")
+    print("\n| model | CG, 30 iterations, inside jit | s | x 30 jitted products | "
+          "compile s | first call s |\n|---|---|---|---|---|---|")
+    for name, row in result["problems"].items():
+      for tag in ("rolled", "default", "host"):
+        r = row[f"cg30_{tag}"]
+        print(f"| {name} | {tag} | {r['seconds']:.3f} | {r['ratio']:.2f}x | "
+              f"{r['compile_seconds']:.1f} | {r['first_call_seconds']:.2f} |")
     for name, row in result["problems"].items():
       top, cond = row["unrolled_products_top"], row["unrolled_products_cond"]
       print(f"{name}: {args.steps} unrolled products {top['seconds']:.3f} s at top level, "

@@ -5,8 +5,10 @@ CG, Lanczos and the probe loops unroll by default on the CPU when the operator
 convolves, and ``make_train_step`` selects instead of branching. What must hold:
 the unrolled loops give the same numbers as the rolled ones (float64, 1e-12;
 the same iterates, so also the same CG stopping information), the automatic
-choice (Lanczos and the probe loops; CG unrolls on request) is made exactly
-where the trap is, and the lowered program then has no while loop. Speed is measured in ``experiments/bench_linalg.py``, not here.
+choice (Lanczos and the probe loops unroll; CG lowers its product to a host
+callback, ``unroll="host"``, and unrolls only on request) is made exactly
+where the trap is, and the lowered program then has no while loop (or, for
+CG, a callback in its while loop). Speed is measured in ``experiments/bench_linalg.py``, not here.
 """
 
 import functools
@@ -168,3 +170,77 @@ def test_train_step_on_a_convolutional_model_selects_and_still_skips(cnn):
       params, state).as_text()
   if jax.default_backend() == "cpu":  # no branch of make_train_step's own around the update
     assert text.count("stablehlo.case") == update_text.count("stablehlo.case")
+
+
+def _damped_run(nlp, x, y, lam, tol, maxiter=6):
+  def run(p, b, xs, ys, unroll):
+    def damped(u):
+      return jax.tree_util.tree_map(lambda g, v: g + lam * v, mm.ggn_vp(nlp, p, u, xs, ys), u)
+    return mm.cg(damped, b, maxiter=maxiter, tol=tol, unroll=unroll)
+  return run
+
+
+@pytest.mark.parametrize("tol, lam", [(0.0, 1.0), (3e-2, 1.0), (0.0, -5.0)],
+                         ids=["all-iterations", "early-stop", "negative-curvature"])
+def test_host_cg_takes_the_same_iterates_and_stops_the_same(cnn, tol, lam):
+  """``unroll="host"`` (the CPU default for a convolutional operator): the rolled
+  loop with the product as a callback to a separately jitted computation. The
+  batch is a jit argument here (traced, int labels), as in a train step."""
+  nlp, params, x, y = cnn
+  b = jax.tree_util.tree_map(lambda a: jnp.sin(1.0 + jnp.arange(a.size)).reshape(a.shape),
+                             params)
+  run = _damped_run(nlp, x, y, lam, tol)
+  (x0, i0), (x1, i1) = (jax.jit(functools.partial(run, unroll=u))(params, b, x, y)
+                        for u in (False, "host"))
+  np.testing.assert_allclose(ravel_pytree(x1)[0], ravel_pytree(x0)[0],
+                             rtol=1e-12, atol=1e-12)
+  for field in ("iterations", "status", "converged", "negative_curvature"):
+    assert int(getattr(i1, field)) == int(getattr(i0, field)), field
+  np.testing.assert_allclose(float(i1.residual_norm), float(i0.residual_norm), rtol=1e-12)
+  if lam < 0:
+    assert bool(i0.negative_curvature)
+  elif tol > 0:
+    assert 0 < int(i0.iterations) < 6
+  host_text = _lowered(functools.partial(run, unroll="host"), params, b, x, y)
+  assert "callback" in host_text and "callback" not in _lowered(
+      functools.partial(run, unroll=False), params, b, x, y)
+
+
+def test_cg_default_is_host_for_convolutions_on_cpu_and_rolled_otherwise(cnn):
+  nlp, params, x, y = cnn
+  run = _damped_run(nlp, x, y, 1.0, 0.0, maxiter=3)
+  text = _lowered(functools.partial(run, unroll=None), params, params, x, y)
+  assert ("callback" in text) == (jax.default_backend() == "cpu")
+  assert "while" in text
+  mnlp, mp, mx, my = _mlp()
+  mrun = _damped_run(mnlp, mx, my, 1.0, 0.0, maxiter=3)
+  assert "callback" not in _lowered(functools.partial(mrun, unroll=None), mp, mp, mx, my)
+  with pytest.raises(TypeError, match="unroll must be True, False, 'host' or None"):
+    mm.cg(lambda v: v, jnp.ones(2), unroll="yes")
+
+
+def _host_case(cnn):
+  nlp, params, x, y = cnn
+  b = jax.tree_util.tree_map(lambda a: jnp.cos(jnp.arange(a.size)).reshape(a.shape), params)
+  return params, b, x, y, _damped_run(nlp, x, y, 1.0, 0.0, maxiter=4)
+
+
+def test_host_cg_differentiates_like_rolled(cnn):
+  params, b, x, y, run = _host_case(cnn)
+
+  def loss(p, bb, unroll):
+    return ravel_pytree(run(p, bb, x, y, unroll)[0])[0].sum()
+
+  g0, g1 = (jax.jit(jax.grad(functools.partial(loss, unroll=u), argnums=(0, 1)))(params, b)
+            for u in (False, "host"))
+  for a, c in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-10, atol=1e-12)
+
+
+def test_host_cg_vmaps_like_rolled(cnn):
+  params, b, x, y, run = _host_case(cnn)
+  bs = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a]), b)
+  v0, v1 = (jax.jit(jax.vmap(lambda bb, u=u: run(params, bb, x, y, u)))(bs)
+            for u in (False, "host"))
+  for a, c in zip(jax.tree_util.tree_leaves(v0), jax.tree_util.tree_leaves(v1)):
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-11, atol=1e-12)

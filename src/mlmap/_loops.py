@@ -14,8 +14,12 @@ the operator contains a convolution and there are at most
 ``AUTO_UNROLL_LIMIT`` products; elsewhere (GPU, TPU, dense models, longer
 loops) they stay rolled, which compiles faster. ``mm.cg`` unrolls only on
 request (``unroll=True``): its unrolled compile time grows faster than
-linearly. ``mm.make_train_step`` selects instead of branching for such
-objectives.
+linearly (the early-stop selects between unrolled steps; see
+``docs/linalg.md``). By default it instead runs its rolled ``while_loop`` with
+the product lowered to a host callback (:func:`host_lowered`): the loop body
+calls, through ``jax.pure_callback``, a separately jitted computation of the
+product, so the convolution is compiled at top level. ``mm.make_train_step``
+selects instead of branching for such objectives.
 """
 
 from __future__ import annotations
@@ -56,6 +60,43 @@ def has_convolution(fn, *args) -> bool:
 def conv_on_cpu(fn, *args) -> bool:
   """The XLA:CPU trap above: the default backend is the CPU and ``fn`` convolves."""
   return jax.default_backend() == "cpu" and has_convolution(fn, *args)
+
+
+def host_lowered(fn, like):
+  """``fn`` (a pytree -> pytree function, possibly closing over traced arrays)
+  as a ``jax.pure_callback`` to a separately ``jax.jit``-compiled copy of it.
+
+  ``fn`` is traced once at ``like``'s shapes; everything its jaxpr closes over
+  (outer ``jit`` tracers such as parameters and a batch, and concrete arrays)
+  is passed through the callback as explicit arguments, so the callee is a
+  top-level XLA computation (where XLA:CPU runs convolutions through Eigen) and
+  nothing traced leaks into it. The callee is compiled on its first call.
+  Under ``vmap`` the callback runs once per batch member. Not differentiable
+  (``mm.cg`` only calls it inside ``lax.custom_linear_solve``'s solve).
+  """
+  leaves, in_tree = jax.tree_util.tree_flatten(like)
+  closed, out_shape = jax.make_jaxpr(
+      lambda *xs: fn(jax.tree_util.tree_unflatten(in_tree, list(xs))),
+      return_shape=True)(*leaves)
+  jaxpr, consts = closed.jaxpr, list(closed.consts)
+  out_leaves, out_tree = jax.tree_util.tree_flatten(out_shape)
+  out_avals = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_leaves]
+
+  @jax.jit
+  def callee(xs, cs):
+    return jax.core.eval_jaxpr(jaxpr, cs, *xs)
+
+  def call(xs, cs):
+    return callee(xs, cs)
+
+  def lowered(v):
+    xs, tree = jax.tree_util.tree_flatten(v)
+    if tree != in_tree:
+      raise TypeError(f"host_lowered: expected a pytree {in_tree}, got {tree}.")
+    out = jax.pure_callback(call, out_avals, xs, consts, vmap_method="sequential")
+    return jax.tree_util.tree_unflatten(out_tree, out)
+
+  return lowered
 
 
 def resolve_unroll(fn_name: str, unroll, iterations: int, matvec, *args) -> bool:

@@ -178,8 +178,13 @@ def _cg_step(matvec, precond, dtype, threshold, s):
 def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond, unroll=False):
   """Preconditioned CG from ``x0`` (no custom derivative); returns ``(x, info)``.
 
-  ``unroll``: ``maxiter`` unrolled steps, each frozen once the stopping rule
-  holds (same iterates as the ``while_loop``; see :mod:`mlmap._loops`)."""
+  ``unroll``: ``True``: ``maxiter`` unrolled steps, each frozen once the
+  stopping rule holds (same iterates as the ``while_loop``); ``"host"``: the
+  ``while_loop`` with ``matvec`` lowered to a host callback
+  (:func:`mlmap._loops.host_lowered`); ``False``: the plain ``while_loop``."""
+  if unroll == "host":
+    matvec = _loops.host_lowered(matvec, b)
+    unroll = False
   dtype = _scalar_dtype(b)
   bnorm = jnp.sqrt(tree_vdot(b, b, dtype))
   threshold = jnp.maximum(jnp.asarray(tol, dtype) * bnorm, jnp.asarray(atol, dtype))
@@ -210,7 +215,8 @@ def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond, unroll=False):
 
 
 def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
-       preconditioner: Callable | None = None, atol=0.0, *, unroll: bool = False):
+       preconditioner: Callable | None = None, atol=0.0, *,
+       unroll: bool | str | None = None):
   r"""Solve ``A x = b`` on pytrees by (preconditioned, truncated) conjugate gradients.
 
   ``A`` is given by ``matvec(v) = A v`` and must be symmetric; CG converges for
@@ -236,7 +242,7 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
   ``jit`` nothing is raised.
   With ``preconditioner(r) = M^{-1} r`` (symmetric positive definite ``M``) this
   is preconditioned CG; the stopping rule still uses the unpreconditioned
-  residual. Runs in ``lax.while_loop``, so it works under ``jit`` and ``vmap``
+  residual. Runs in ``lax.while_loop`` (see ``unroll``), so it works under ``jit`` and ``vmap``
   (a vmapped batch iterates until every member stops; finished members do not
   change). Leaves keep their dtypes (float32 stays float32); inner products are
   accumulated in the leaves' common dtype with ``Precision.HIGHEST``.
@@ -259,14 +265,23 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
     tol: relative tolerance on the residual norm, >= 0.
     preconditioner: optional callable ``r -> M^{-1} r`` over pytrees.
     atol: absolute tolerance on the residual norm, >= 0.
-    unroll: ``True`` runs ``maxiter`` unrolled steps (each frozen once the
-      solve has stopped: the same iterates, but every step pays its product)
-      instead of the ``lax.while_loop`` (default ``False``). XLA:CPU runs a
-      convolution inside a loop about 25x slower than outside (see
-      ``mlmap._loops``), so for a convolutional operator on the CPU the
-      unrolled solve runs about as fast as its products; but its compile time
-      grows faster than linearly (10 iterations on the 9,930-parameter digits
-      CNN of ``experiments/bench_linalg.py``: 16-30 s), so it is opt-in.
+    unroll: how the iteration is compiled; the iterates are the same either
+      way (up to rounding). ``False``: one ``lax.while_loop``. ``True``:
+      ``maxiter`` unrolled steps (each frozen once the solve has stopped, so
+      every step pays its product); its compile time grows faster than
+      linearly in ``maxiter`` (10 iterations on the 9,930-parameter digits CNN
+      of ``experiments/bench_linalg.py``: 13-30 s). ``"host"``: the
+      ``while_loop``, with each product run through ``jax.pure_callback`` as a
+      separately jitted top-level computation (arrays closed over by
+      ``matvec``, e.g. parameters and a batch under an outer ``jit``, are
+      passed to it as arguments); costs a callback per product (about 0.6 ms
+      on a 2-core CPU, 1.7 ms on that CNN) and under ``vmap`` runs the products one member at a
+      time. ``None`` (default): ``"host"`` when the backend is the CPU and
+      ``matvec`` contains a convolution, else ``False``. XLA:CPU runs a
+      convolution inside a loop body 15-28x slower than at top level (see
+      ``mlmap._loops``); on that CNN 30 iterations cost 1.0-1.45x the 30
+      jitted products with ``"host"`` (rolled: 7-14x), compiling in about 1 s
+      (``docs/linalg.md``).
 
   Returns:
     ``(x, info)``: the solution pytree (``b``'s structure and dtypes) and a
@@ -303,8 +318,11 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
   _checks.check_nonnegative("tol", tol, fn)
   _checks.check_nonnegative("atol", atol, fn)
   precond = (lambda r: r) if preconditioner is None else preconditioner
-  if not isinstance(unroll, bool):
-    raise TypeError(f"{fn}: unroll must be True or False, got {unroll!r}.")
+  if unroll is None:
+    unroll = "host" if _loops.conv_on_cpu(matvec, b) else False
+  elif not (isinstance(unroll, bool) or (isinstance(unroll, str) and unroll == "host")):
+    raise TypeError(f"{fn}: unroll must be True, False, 'host' or None (automatic), got "
+                    f"{unroll!r}.")
 
   def solve(mv, rhs):
     return _cg_loop(mv, rhs, x0, maxiter, tol, atol, precond, unroll)
