@@ -89,6 +89,21 @@ def test_unrolled_lanczos_equals_rolled_and_has_no_while_loop(cnn):
     assert "while" not in _lowered(functools.partial(run, unroll=None), params, v0)
 
 
+def _assert_same_solve(reference, other, lam, tol):
+  """The same iterate (1e-12, float64) and stopping information as the rolled CG
+  of 6 iterations; the case is the one its parameters name."""
+  (x0, i0), (x1, i1) = reference, other
+  np.testing.assert_allclose(ravel_pytree(x1)[0], ravel_pytree(x0)[0],
+                             rtol=1e-12, atol=1e-12)
+  for field in ("iterations", "status", "converged", "negative_curvature"):
+    assert int(getattr(i1, field)) == int(getattr(i0, field)), field
+  np.testing.assert_allclose(float(i1.residual_norm), float(i0.residual_norm), rtol=1e-12)
+  if lam < 0:
+    assert bool(i0.negative_curvature)
+  elif tol > 0:
+    assert 0 < int(i0.iterations) < 6
+
+
 @pytest.mark.parametrize("tol, lam", [pytest.param(0.0, 1.0, marks=pytest.mark.slow), (3e-2, 1.0),
                                       pytest.param(0.0, -5.0, marks=pytest.mark.slow)],
                          ids=["all-iterations", "early-stop", "negative-curvature"])
@@ -104,15 +119,7 @@ def test_unrolled_cg_takes_the_same_iterates_and_stops_the_same(cnn, tol, lam):
 
   (x0, i0), (x1, i1) = (jax.jit(functools.partial(run, unroll=u))(params, b)
                         for u in (False, True))
-  np.testing.assert_allclose(ravel_pytree(x1)[0], ravel_pytree(x0)[0],
-                             rtol=1e-12, atol=1e-12)
-  for field in ("iterations", "status", "converged", "negative_curvature"):
-    assert int(getattr(i1, field)) == int(getattr(i0, field)), field
-  np.testing.assert_allclose(float(i1.residual_norm), float(i0.residual_norm), rtol=1e-12)
-  if lam < 0:
-    assert bool(i0.negative_curvature)
-  elif tol > 0:
-    assert 0 < int(i0.iterations) < 6
+  _assert_same_solve((x0, i0), (x1, i1), lam, tol)
 
 
 @pytest.mark.parametrize("batch_size", [1, pytest.param(2, marks=pytest.mark.slow)])
@@ -192,15 +199,7 @@ def test_host_cg_takes_the_same_iterates_and_stops_the_same(cnn, tol, lam):
   run = _damped_run(nlp, x, y, lam, tol)
   (x0, i0), (x1, i1) = (jax.jit(functools.partial(run, unroll=u))(params, b, x, y)
                         for u in (False, "host"))
-  np.testing.assert_allclose(ravel_pytree(x1)[0], ravel_pytree(x0)[0],
-                             rtol=1e-12, atol=1e-12)
-  for field in ("iterations", "status", "converged", "negative_curvature"):
-    assert int(getattr(i1, field)) == int(getattr(i0, field)), field
-  np.testing.assert_allclose(float(i1.residual_norm), float(i0.residual_norm), rtol=1e-12)
-  if lam < 0:
-    assert bool(i0.negative_curvature)
-  elif tol > 0:
-    assert 0 < int(i0.iterations) < 6
+  _assert_same_solve((x0, i0), (x1, i1), lam, tol)
   host_text = _lowered(functools.partial(run, unroll="host"), params, b, x, y)
   assert "callback" in host_text and "callback" not in _lowered(
       functools.partial(run, unroll=False), params, b, x, y)
