@@ -201,7 +201,7 @@ def test_dense_names_non_floating_params_leaf(name):
 def test_dense_refuses_flax_model_state(name, how):
   model, variables, x, y = bn_problem()
   nlp, params = bn_nlps(model, variables)[how]
-  with pytest.raises(TypeError, match=rf"{name}: .*'batch_stats'.*not supported"):
+  with pytest.raises(TypeError, match=rf"{name}: .*'batch_stats'.*has_state=True"):
     _DENSE[name](nlp, params, x, y)
 
 
