@@ -146,6 +146,14 @@ class NegativeLogPosterior:
     """
     scale = self.scale(inputs)  # checks the batch before the model sees it
     outputs = self.apply_fn(params, inputs)
+    return self.scaled_nll(params, outputs, targets, scale)
+
+  def scaled_nll(self, params, outputs, targets, scale):
+    r""":math:`-s\sum_i \log p(t_i \mid z_i)` of outputs already computed (``s = N/B``).
+
+    Shared by :meth:`data_term` and the stateful objective; checks ``params``
+    (``None`` skips it) and ``outputs`` for model state first.
+    """
     check_stateless_model("negative_log_posterior", params, outputs)
     return -scale * jnp.sum(self.log_likelihood(outputs, targets))
 
@@ -262,8 +270,7 @@ class StatefulNegativeLogPosterior:
     base = NegativeLogPosterior(None, self.log_likelihood, self.log_prior, self.num_data)
     scale = base.scale(inputs)
     outputs, new_state = call_model(self.model_fn, params, inputs, state, rng)
-    check_stateless_model("negative_log_posterior", None, outputs)
-    data = -scale * jnp.sum(self.log_likelihood(outputs, targets))
+    data = base.scaled_nll(None, outputs, targets, scale)
     return data + base.prior_term(params), new_state
 
   def __call__(self, params, inputs, targets, *, state=_MISSING, rng=None):
