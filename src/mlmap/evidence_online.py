@@ -35,7 +35,8 @@ import optax
 
 from mlmap import _evidence_terms as _terms
 from mlmap import laplace_structured as _ls
-from mlmap import training as _training
+from mlmap import _fit
+from mlmap import _step
 from mlmap._checkpoint import save_checkpoint
 
 _FN = "fit_evidence"
@@ -71,7 +72,7 @@ def _train_step(make_nlp, tx):
   def step(hyper, params, opt_state, batch):
     nlp = make_nlp(hyper)
     t = tx if isinstance(tx, optax.GradientTransformation) else tx(nlp)
-    return _training.make_train_step(nlp, t, jit=False)(params, opt_state, batch)
+    return _step.make_train_step(nlp, t, jit=False)(params, opt_state, batch)
   return jax.jit(step)
 
 
@@ -106,7 +107,7 @@ def _check(make_nlp, hyper, tx, n, opts):
     raise TypeError(f"{_FN}: tx must be an optax.GradientTransformation or a callable "
                     f"nlp -> transformation, got {type(tx).__name__}.")
   for name, low in (("epochs", 0), ("burn_in", 0), ("every", 1), ("hyper_steps", 1)):
-    _training._check_int(_FN, name, opts[name], low, optional=False)
+    _fit._check_int(_FN, name, opts[name], low, optional=False)
   nlp = make_nlp(hyper)
   if getattr(nlp, "num_data", None) != n:
     raise ValueError(f"{_FN}: make_nlp(hyper).num_data must be the number of training "
@@ -215,7 +216,7 @@ def fit_evidence(make_nlp: Callable, hyper: dict, params, tx, data, *, structure
               hyper_steps=hyper_steps,
               hyper_tx=optax.adam(0.1) if hyper_tx is None else hyper_tx,
               prior_key=prior_key, noise_key=noise_key)
-  n, batch_size = _training.num_and_batch_size(_FN, data, batch_size)
+  n, batch_size = _fit.num_and_batch_size(_FN, data, batch_size)
   nlp_ref = _check(make_nlp, hyper, tx, n, opts)
   hyper = jax.tree_util.tree_map(lambda x: jnp.asarray(x, float), hyper)
   curv = batch_size if curvature_batch_size is None else int(curvature_batch_size)
@@ -250,11 +251,11 @@ def _epochs(run, step, state, data, batch_size, path, progress):
   with tqdm(total=run["steps_per_epoch"] * o["epochs"], initial=state["step"],
             disable=not progress, desc=_FN) as bar:
     for epoch in range(state["epoch"], o["epochs"]):
-      for batch in _training._batches(data, batch_size, state["key"], epoch):
+      for batch in _fit._batches(data, batch_size, state["key"], epoch):
         state["params"], state["opt_state"], m = step(
             state["hyper"], state["params"], state["opt_state"], tuple(batch))
         state["step"] += 1
-        _training._record(state["history"], state["step"], epoch, jax.device_get(m), bar)
+        _fit._record(state["history"], state["step"], epoch, jax.device_get(m), bar)
       done = epoch + 1
       if done > o["burn_in"] and (done - o["burn_in"]) % o["every"] == 0:
         state["hyper"], state["hyper_state"], values = _update_hyper(
@@ -268,7 +269,7 @@ def _epochs(run, step, state, data, batch_size, path, progress):
 def _to_ckpt(state):
   out = dict(state)
   h = state["history"]
-  out["history"] = dict(_training._history_to_ckpt({**h, "eval": []}),
+  out["history"] = dict(_fit._history_to_ckpt({**h, "eval": []}),
                         hyper_epoch=np.asarray(h["hyper_epoch"], np.int64),
                         log_evidence_before=np.asarray(h["log_evidence_before"]),
                         log_evidence=np.asarray(h["log_evidence"]),
@@ -278,9 +279,9 @@ def _to_ckpt(state):
 
 def _load(path, state):
   like = {k: state[k] for k in ("params", "opt_state", "hyper", "hyper_state")}
-  out = _training.resume_parts(_FN, path, like, ("epoch", "step", "key", "history"))
+  out = _fit.resume_parts(_FN, path, like, ("epoch", "step", "key", "history"))
   ck = out["history"]
-  history = _training._history_from_ckpt(ck)
+  history = _fit._history_from_ckpt(ck)
   del history["eval"]
   history.update(hyper_epoch=np.asarray(ck["hyper_epoch"]).tolist(),
                  log_evidence_before=np.asarray(ck["log_evidence_before"]).tolist(),
