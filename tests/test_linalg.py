@@ -93,6 +93,26 @@ def test_cg_x0_and_atol_and_maxiter():
   np.testing.assert_allclose(info.residual_norm, np.linalg.norm(b - a @ x), rtol=1e-8)
 
 
+@pytest.mark.parametrize("unroll", [False, True, "host"])
+def test_cg_zero_start_takes_one_product_per_iteration(unroll):
+  """x0=None starts from r0 = b without a product; an x0 costs one more."""
+  a = _spd(8, 6)
+  b = np.random.default_rng(7).normal(size=8)
+  calls = []
+
+  def mv(v):
+    jax.debug.callback(lambda: calls.append(1))
+    return a @ v
+
+  for x0, extra in ((None, 0), (np.ones(8), 1)):
+    calls.clear()
+    x, info = jax.jit(lambda b: mm.cg(mv, b, x0=x0, maxiter=5, tol=0.0, unroll=unroll))(b)
+    jax.effects_barrier()
+    xr, k, _ = _numpy_cg(a, b, np.zeros(8) if x0 is None else x0, 5)
+    assert int(info.iterations) == 5 == k and len(calls) == 5 + extra
+    np.testing.assert_allclose(x, xr, atol=1e-10)
+
+
 def test_cg_indefinite_flags_negative_curvature():
   rng = np.random.default_rng(6)
   q, _ = np.linalg.qr(rng.normal(size=(8, 8)))

@@ -176,7 +176,8 @@ def _cg_step(matvec, precond, dtype, threshold, s):
 
 
 def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond, unroll=False):
-  """Preconditioned CG from ``x0`` (no custom derivative); returns ``(x, info)``.
+  """Preconditioned CG from ``x0`` (``None``: zeros, and ``r0 = b`` without a
+  product; no custom derivative); returns ``(x, info)``.
 
   ``unroll``: ``True``: ``maxiter`` unrolled steps, each frozen once the
   stopping rule holds (same iterates as the ``while_loop``); ``"host"``: the
@@ -188,7 +189,10 @@ def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond, unroll=False):
   dtype = _scalar_dtype(b)
   bnorm = jnp.sqrt(tree_vdot(b, b, dtype))
   threshold = jnp.maximum(jnp.asarray(tol, dtype) * bnorm, jnp.asarray(atol, dtype))
-  r0 = _tmap(lambda u, v: u - v, b, matvec(x0))
+  if x0 is None:  # r0 = b: no product for the zero start
+    x0, r0 = _tmap(jnp.zeros_like, b), b
+  else:
+    r0 = _tmap(lambda u, v: u - v, b, matvec(x0))
   z0 = precond(r0)
   _checks.check_tree_like("cg", "preconditioner(r)", z0, b, ref_name="b")
   rz0 = tree_vdot(r0, z0, dtype)
@@ -307,9 +311,7 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
   """
   fn = "cg"
   _check_floating(fn, "b", b)
-  if x0 is None:
-    x0 = _tmap(jnp.zeros_like, b)
-  else:
+  if x0 is not None:
     _checks.check_tree_like(fn, "x0", x0, b, ref_name="b")
     _check_floating(fn, "x0", x0)
     x0 = _tmap(lambda u, v: jnp.asarray(u, jnp.result_type(v)), x0, b)
