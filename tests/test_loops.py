@@ -5,10 +5,10 @@ CG, Lanczos and the probe loops unroll by default on the CPU when the operator
 convolves, and ``make_train_step`` selects instead of branching. What must hold:
 the unrolled loops give the same numbers as the rolled ones (float64, 1e-12;
 the same iterates, so also the same CG stopping information), the automatic
-choice (Lanczos and the probe loops unroll; CG lowers its product to a host
-callback, ``unroll="host"``, and unrolls only on request) is made exactly
-where the trap is, and the lowered program then has no while loop (or, for
-CG, a callback in its while loop). Speed is measured in ``experiments/bench_linalg.py``, not here.
+choice (Lanczos and the probe loops unroll; CG iterates from the host,
+``unroll="host"``, and unrolls only on request) is made exactly where the trap
+is, and the lowered program then has no while loop (for CG: one callback and
+no convolution). Speed is measured in ``experiments/bench_linalg.py``, not here.
 """
 
 import functools
@@ -190,9 +190,10 @@ def _damped_run(nlp, x, y, lam, tol, maxiter=6):
 @pytest.mark.parametrize("tol, lam", [(0.0, 1.0), (3e-2, 1.0), (0.0, -5.0)],
                          ids=["all-iterations", "early-stop", "negative-curvature"])
 def test_host_cg_takes_the_same_iterates_and_stops_the_same(cnn, tol, lam):
-  """``unroll="host"`` (the CPU default for a convolutional operator): the rolled
-  loop with the product as a callback to a separately jitted computation. The
-  batch is a jit argument here (traced, int labels), as in a train step."""
+  """``unroll="host"`` (the CPU default for a convolutional operator): the
+  while_loop iterated from Python in one callback, each step a separately jitted
+  computation. The batch is a jit argument here (traced, int labels), as in a
+  train step."""
   nlp, params, x, y = cnn
   b = jax.tree_util.tree_map(lambda a: jnp.sin(1.0 + jnp.arange(a.size)).reshape(a.shape),
                              params)
@@ -209,8 +210,11 @@ def test_cg_default_is_host_for_convolutions_on_cpu_and_rolled_otherwise(cnn):
   nlp, params, x, y = cnn
   run = _damped_run(nlp, x, y, 1.0, 0.0, maxiter=3)
   text = _lowered(functools.partial(run, unroll=None), params, params, x, y)
-  assert ("callback" in text) == (jax.default_backend() == "cpu")
-  assert "while" in text
+  on_cpu = jax.default_backend() == "cpu"
+  # On the CPU the whole loop is one callback: no while and no convolution left
+  # in the outer computation; elsewhere the plain while_loop.
+  assert ("callback" in text) == on_cpu
+  assert ("while" in text) == ("convolution" in text) == (not on_cpu)
   mnlp, mp, mx, my = _mlp()
   mrun = _damped_run(mnlp, mx, my, 1.0, 0.0, maxiter=3)
   assert "callback" not in _lowered(functools.partial(mrun, unroll=None), mp, mp, mx, my)
@@ -234,6 +238,21 @@ def test_host_cg_differentiates_like_rolled(cnn):
             for u in (False, "host"))
   for a, c in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
     np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-10, atol=1e-12)
+
+
+def test_host_cg_vmap_members_stop_at_their_own_iteration(cnn):
+  """Under vmap each member runs its own host loop; the rolled while_loop runs
+  until all stop and freezes the finished ones: the same iterates and info."""
+  nlp, params, x, y = cnn
+  run = _damped_run(nlp, x, y, 1.0, 3e-2, maxiter=8)
+  b = jax.tree_util.tree_map(lambda a: jnp.sin(1.0 + jnp.arange(a.size)).reshape(a.shape),
+                             params)
+  bs = jax.tree_util.tree_map(lambda a, c: jnp.stack([a, jnp.ones_like(a), c]), b, params)
+  (x0, i0), (x1, i1) = (jax.jit(jax.vmap(lambda bb, u=u: run(params, bb, x, y, u)))(bs)
+                        for u in (False, "host"))
+  assert len(set(np.asarray(i0.iterations).tolist())) > 1  # members stop apart
+  for a, c in zip(jax.tree_util.tree_leaves((x0, i0)), jax.tree_util.tree_leaves((x1, i1))):
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-11, atol=1e-12)
 
 
 def test_host_cg_vmaps_like_rolled(cnn):

@@ -15,16 +15,17 @@ the operator contains a convolution and there are at most
 loops) they stay rolled, which compiles faster. ``mm.cg`` unrolls only on
 request (``unroll=True``): its unrolled compile time grows faster than
 linearly (the early-stop selects between unrolled steps; see
-``docs/linalg.md``). By default it instead runs its rolled ``while_loop`` with
-the product lowered to a host callback (:func:`host_lowered`): the loop body
-calls, through ``jax.pure_callback``, a separately jitted computation of the
-product, so the convolution is compiled at top level. ``mm.make_train_step``
-selects instead of branching for such objectives.
+``docs/linalg.md``). By default it instead iterates its ``while_loop`` from the
+host (:func:`host_while_loop`): one ``jax.pure_callback`` that calls a
+separately jitted CG step per iteration, so the convolution is compiled at top
+level. ``mm.make_train_step`` selects instead of branching for such objectives.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import jax
+import jax.numpy as jnp
 
 # Iterations beyond which the automatic choice keeps a loop rolled: an unrolled
 # loop compiles one copy of the product per iteration (about 0.1 s each for the
@@ -62,41 +63,67 @@ def conv_on_cpu(fn, *args) -> bool:
   return jax.default_backend() == "cpu" and has_convolution(fn, *args)
 
 
-def host_lowered(fn, like):
-  """``fn`` (a pytree -> pytree function, possibly closing over traced arrays)
-  as a ``jax.pure_callback`` to a separately ``jax.jit``-compiled copy of it.
+def _closed(fn, leaves):
+  """``fn``'s jaxpr at ``leaves``' shapes, and its constants (outer tracers included)."""
+  closed = jax.make_jaxpr(fn)(*leaves)
+  return closed.jaxpr, list(closed.consts)
 
-  ``fn`` is traced once at ``like``'s shapes; everything its jaxpr closes over
-  (outer ``jit`` tracers such as parameters and a batch, and concrete arrays)
-  is passed through the callback as explicit arguments, so the callee is a
-  top-level XLA computation (where XLA:CPU runs convolutions through Eigen) and
-  nothing traced leaks into it. The callee is compiled on its first call.
-  Under ``vmap`` the callback runs once per batch member. Not differentiable
-  (``mm.cg`` only calls it inside ``lax.custom_linear_solve``'s solve).
+
+def host_while_loop(cond_fun, body_fun, init_val):
+  """``lax.while_loop(cond_fun, body_fun, init_val)``, iterated from Python.
+
+  The whole loop is one ``jax.pure_callback``; inside it each iteration is one
+  call of a separately ``jax.jit``-compiled step (``body_fun`` followed by
+  ``cond_fun`` of its result) and one host read of the predicate. The step is a
+  top-level XLA computation, where XLA:CPU runs convolutions through Eigen
+  (inside a ``while`` body it does not; see the module docstring), and no work
+  runs between the steps but the dispatch. ``cond_fun`` and ``body_fun`` are
+  traced once at ``init_val``'s shapes; whatever they close over (outer ``jit``
+  tracers such as parameters and a batch, and concrete arrays) is passed to the
+  callback as arguments, once per loop. Same iterates as ``lax.while_loop``.
+  Under ``vmap`` each member runs its own loop (``vmap_method="sequential"``),
+  so each stops at its own iteration. Not differentiable (``mm.cg`` runs it
+  inside ``lax.custom_linear_solve``'s solve). The step compiles on the first
+  call.
   """
-  leaves, in_tree = jax.tree_util.tree_flatten(like)
-  closed, out_shape = jax.make_jaxpr(
-      lambda *xs: fn(jax.tree_util.tree_unflatten(in_tree, list(xs))),
-      return_shape=True)(*leaves)
-  jaxpr, consts = closed.jaxpr, list(closed.consts)
-  out_leaves, out_tree = jax.tree_util.tree_flatten(out_shape)
-  out_avals = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in out_leaves]
+  leaves, tree = jax.tree_util.tree_flatten(init_val)
+  avals = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+
+  def state(xs):
+    return jax.tree_util.tree_unflatten(tree, list(xs))
+
+  def flat_body(*xs):
+    new = body_fun(state(xs))
+    new_leaves, new_tree = jax.tree_util.tree_flatten(new)
+    new_avals = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in new_leaves]
+    if new_tree != tree or new_avals != avals:
+      raise TypeError("host_while_loop: body_fun must return the carry's structure, "
+                      f"shapes and dtypes: got {new_tree} {new_avals}, expected {tree} "
+                      f"{avals}.")
+    return new_leaves, cond_fun(new)
+
+  body, body_consts = _closed(flat_body, leaves)
+  cond, cond_consts = _closed(lambda *xs: cond_fun(state(xs)), leaves)
 
   @jax.jit
-  def callee(xs, cs):
-    return jax.core.eval_jaxpr(jaxpr, cs, *xs)
+  def step(xs, cs):
+    out = jax.core.eval_jaxpr(body, cs, *xs)
+    return out[:-1], out[-1]
 
-  def call(xs, cs):
-    return callee(xs, cs)
+  @jax.jit
+  def first(xs, cs):
+    return jax.core.eval_jaxpr(cond, cs, *xs)[0]
 
-  def lowered(v):
-    xs, tree = jax.tree_util.tree_flatten(v)
-    if tree != in_tree:
-      raise TypeError(f"host_lowered: expected a pytree {in_tree}, got {tree}.")
-    out = jax.pure_callback(call, out_avals, xs, consts, vmap_method="sequential")
-    return jax.tree_util.tree_unflatten(out_tree, out)
+  def run(xs, bcs, ccs):
+    go = bool(first(xs, ccs))
+    while go:
+      xs, go = step(xs, bcs)
+      go = bool(go)
+    return [np.asarray(x) for x in xs]
 
-  return lowered
+  out = jax.pure_callback(run, avals, leaves, body_consts, cond_consts,
+                          vmap_method="sequential")
+  return state(out)
 
 
 def resolve_unroll(fn_name: str, unroll, iterations: int, matvec, *args) -> bool:

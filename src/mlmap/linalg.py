@@ -181,11 +181,8 @@ def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond, unroll=False):
 
   ``unroll``: ``True``: ``maxiter`` unrolled steps, each frozen once the
   stopping rule holds (same iterates as the ``while_loop``); ``"host"``: the
-  ``while_loop`` with ``matvec`` lowered to a host callback
-  (:func:`mlmap._loops.host_lowered`); ``False``: the plain ``while_loop``."""
-  if unroll == "host":
-    matvec = _loops.host_lowered(matvec, b)
-    unroll = False
+  ``while_loop`` iterated from the host, one jitted step per iteration
+  (:func:`mlmap._loops.host_while_loop`); ``False``: the plain ``while_loop``."""
   dtype = _scalar_dtype(b)
   bnorm = jnp.sqrt(tree_vdot(b, b, dtype))
   threshold = jnp.maximum(jnp.asarray(tol, dtype) * bnorm, jnp.asarray(atol, dtype))
@@ -206,12 +203,13 @@ def _cg_loop(matvec, b, x0, maxiter, tol, atol, precond, unroll=False):
     return (s.k < maxiter) & (s.rnorm > threshold) & ~s.negative & ~s.breakdown
 
   step = functools.partial(_cg_step, matvec, precond, dtype, threshold)
-  if unroll:
+  if unroll is True:
     s = state
     for _ in range(maxiter):
       s = _tmap(functools.partial(jnp.where, cond(s)), step(s), s)
   else:
-    s = lax.while_loop(cond, step, state)
+    loop = _loops.host_while_loop if unroll == "host" else lax.while_loop
+    s = loop(cond, step, state)
   converged, status = _cg_status(s, threshold)
   return s.x, CGInfo(iterations=s.k, residual_norm=s.rnorm,
                      negative_curvature=s.negative,
@@ -275,16 +273,18 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
       every step pays its product); its compile time grows faster than
       linearly in ``maxiter`` (10 iterations on the 9,930-parameter digits CNN
       of ``experiments/bench_linalg.py``: 13-30 s). ``"host"``: the
-      ``while_loop``, with each product run through ``jax.pure_callback`` as a
-      separately jitted top-level computation (arrays closed over by
-      ``matvec``, e.g. parameters and a batch under an outer ``jit``, are
-      passed to it as arguments); costs a callback per product (about 0.6 ms
-      on a 2-core CPU, 1.7 ms on that CNN) and under ``vmap`` runs the products one member at a
-      time. ``None`` (default): ``"host"`` when the backend is the CPU and
+      ``while_loop`` iterated from Python inside one ``jax.pure_callback``,
+      each iteration one call of a separately jitted top-level CG step
+      (arrays closed over by ``matvec``, e.g. parameters and a batch under an
+      outer ``jit``, are passed to it as arguments, once per solve); costs
+      about 0.5-1.5 ms of dispatch per iteration on a 2-core CPU, and under
+      ``vmap`` runs the members one after another, each to its own stop.
+      ``None`` (default): ``"host"`` when the backend is the CPU and
       ``matvec`` contains a convolution, else ``False``. XLA:CPU runs a
-      convolution inside a loop body 15-28x slower than at top level (see
-      ``mlmap._loops``); on that CNN 30 iterations cost 1.0-1.45x the 30
-      jitted products with ``"host"`` (rolled: 7-14x), compiling in about 1 s
+      convolution inside a loop body 15-30x slower than at top level (see
+      ``mlmap._loops``); on that CNN 30 iterations cost 1.2x the 30 jitted
+      products with ``"host"`` (rolled: 10-14x), compiling in about 1.3 s
+      on the first call
       (``docs/linalg.md``).
 
   Returns:
