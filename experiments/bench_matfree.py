@@ -26,6 +26,7 @@ writes ``results/bench_matfree.json``.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import pathlib
 import sys
@@ -108,7 +109,7 @@ def main(argv=None):
     print("matfree is not installed: pip install matfree")
     return 1
   out = {"backend": jax.default_backend(), "jax": jax.__version__,
-         "matfree": __import__("matfree").__version__}
+         "matfree": importlib.metadata.version("matfree")}
   for name, (nlp, params, x, y) in problems().items():
     out[name] = measure(nlp, params, x, y, args.reps)
     r = out[name]
