@@ -381,6 +381,30 @@ def test_lanczos_vmap_over_start():
     np.testing.assert_allclose(res.betas[i], ri.betas, atol=1e-12)
 
 
+def test_batched_lanczos_equals_one_vector_runs_with_restarts_in_some_rows():
+  """The batch loop (SLQ's probes) takes each row's own iterates: one row starts
+  at zero (restart at step 0), one in a 2-dimensional invariant subspace
+  (restart at step 2), one generic; the restarts and the second Gram-Schmidt
+  pass are lax.cond on any row, not selects computing both branches."""
+  from mlmap.linalg import _lanczos_flat
+  n, m = 7, 5
+  a = np.diag(np.arange(1.0, n + 1))  # e0 + e3 spans an invariant plane, exactly
+  v0 = np.stack([np.zeros(n), np.eye(n)[0] + np.eye(n)[3],
+                 np.random.default_rng(3).normal(size=n)])
+  mv = lambda v: a @ v
+  batched = jax.jit(lambda v: _lanczos_flat(jax.vmap(mv), v, m))(v0)
+  for i in range(3):
+    one = _lanczos_flat(mv, jnp.asarray(v0[i]), m)
+    for f in ("alphas", "betas", "basis", "residual"):
+      np.testing.assert_allclose(getattr(batched, f)[i], getattr(one, f), atol=1e-12)
+  assert float(batched.betas[1, 1]) == 0.0  # the invariant row restarted
+  t = np.asarray(mm.tridiagonal(jax.tree_util.tree_map(lambda x: x[2], batched)))
+  np.testing.assert_allclose(np.linalg.eigvalsh(t), np.sort(np.linalg.eigvalsh(
+      np.asarray(batched.basis[2]) @ a @ np.asarray(batched.basis[2]).T)), atol=1e-10)
+  text = str(jax.make_jaxpr(lambda v: _lanczos_flat(jax.vmap(mv), v, m))(v0))
+  assert "cond[" in text
+
+
 def test_lanczos_bad_inputs():
   with pytest.raises(ValueError, match=r"num_steps \(4\) must be <= .* P \(3\)"):
     mm.lanczos(lambda v: v, jnp.ones(3), 4)

@@ -273,3 +273,19 @@ def test_lanczos_matches_matfree():
   diag, off = theirs.J_small
   np.testing.assert_allclose(ours.alphas, diag, rtol=1e-10)
   np.testing.assert_allclose(ours.betas, off, rtol=1e-10)
+
+
+def test_slq_batch_size_does_not_change_the_rules():
+  """batch_size 1 runs the one-vector Lanczos loop per probe, batch_size 5 the
+  batched loop (mlmap.linalg._lanczos_batch): the same probes give the same
+  nodes and weights, and the same logdet estimate."""
+  n, num, m = 12, 10, 6
+  a = _spd(n, 2, shift=0.5)
+  run = jax.jit(lambda b: mm.slq_quadrature(lambda v: a @ v, jnp.zeros(n), KEY, num, m,
+                                            batch_size=b), static_argnums=0)
+  one, five = run(1), run(5)
+  np.testing.assert_allclose(five.nodes, one.nodes, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(five.weights, one.weights, rtol=1e-9, atol=1e-12)
+  logdet = jax.jit(lambda b: mm.stochastic_logdet(lambda v: a @ v, jnp.zeros(n), KEY, num, m,
+                                                  batch_size=b).estimate, static_argnums=0)
+  np.testing.assert_allclose(logdet(5), logdet(1), rtol=1e-10)

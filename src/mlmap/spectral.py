@@ -17,6 +17,7 @@ must be Python ints in range.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -24,6 +25,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.flatten_util import ravel_pytree
 
 from mlmap import _checks
 from mlmap import _loops
@@ -89,20 +91,22 @@ def _per_chunk(sample, ks):
   return jax.vmap(sample)(ks)
 
 
-def _moments(sample, keys, batch_size, unroll=False) -> StochasticEstimate:
-  """Mean and standard error of ``sample(key)`` over ``keys`` in O(1) memory.
+def _moments(chunk, keys, batch_size, unroll=False) -> StochasticEstimate:
+  """Mean and standard error of the samples ``chunk(ks)`` (stacked on a leading
+  axis, one per key of the chunk ``ks``) over ``keys`` in O(1) memory.
 
-  Chunks of ``batch_size`` probes are vmapped and merged with Chan et al.'s
-  pairwise update of (mean, sum of squared deviations), so a diagonal estimate
-  never stores one pytree per probe.
+  Chunks of ``batch_size`` probes (``functools.partial(_per_chunk, sample)``
+  vmaps a one-key ``sample``) are merged with Chan et al.'s pairwise update of
+  (mean, sum of squared deviations), so a diagonal estimate never stores one
+  pytree per probe.
   """
   n = keys.shape[0]
-  shape = jax.eval_shape(sample, keys[0])
-  zeros = _tmap(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+  shape = jax.eval_shape(chunk, keys[:1])
+  zeros = _tmap(lambda s: jnp.zeros(s.shape[1:], s.dtype), shape)
 
   def step(carry, ks):
     i, mean, m2 = carry
-    vals = _per_chunk(sample, ks)
+    vals = chunk(ks)
     b_mean = _tmap(lambda v: jnp.mean(v, 0), vals)
     b_m2 = _tmap(lambda v, m: jnp.sum((v - m) ** 2, 0), vals, b_mean)
     count = (i * batch_size).astype(jax.tree_util.tree_leaves(zeros)[0].dtype)
@@ -166,7 +170,8 @@ def hutchinson_trace(matvec: Callable, like, key, num_probes: int,
     z = _random_like(like, k, "rademacher")
     return tree_vdot(z, matvec(z), dtype)
 
-  return _moments(sample, jax.random.split(key, num_probes), batch_size, unroll)
+  return _moments(functools.partial(_per_chunk, sample), jax.random.split(key, num_probes),
+                  batch_size, unroll)
 
 
 def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
@@ -210,7 +215,8 @@ def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
     z = _random_like(like, k, "rademacher")
     return _tmap(lambda a, b: a * b, z, matvec(z))
 
-  return _moments(sample, jax.random.split(key, num_probes), batch_size, unroll)
+  return _moments(functools.partial(_per_chunk, sample), jax.random.split(key, num_probes),
+                  batch_size, unroll)
 class RitzResult(NamedTuple):
   """Output of :func:`lanczos_eigenvalues`.
 
@@ -304,13 +310,21 @@ def _slq_checks(fn, like, num_probes, num_steps, batch_size, minimum, key):
 
 
 def _slq_rule(matvec, like, num_steps, unroll=False):
-  """Per-probe quadrature rule: key -> (nodes [m], weights [m])."""
+  """Quadrature rules of a chunk of probes: keys [b] -> (nodes [b, m], weights [b, m]).
 
-  def rule(k):
-    z = _random_like(like, k, "rademacher")
-    flat, _, mv = _flat_operator(matvec, z)
-    theta, s = jnp.linalg.eigh(tridiagonal(_lanczos_flat(mv, flat, num_steps, unroll)))
-    return theta, s[0] ** 2
+  The chunk's probes run as one batched Lanczos loop over the vmapped product
+  (see :func:`mlmap.linalg._lanczos_flat`), not as a vmap of one-probe loops."""
+
+  def rule(ks):
+    z = jax.vmap(lambda k: _random_like(like, k, "rademacher"))(ks)
+    flat, _, mv = _flat_operator(matvec, _tmap(lambda a: a[0], z))
+    flats = jax.vmap(lambda t: ravel_pytree(t)[0])(z)
+    if flats.shape[0] == 1:  # the one-vector loop (faster than a batch of one)
+      res = _tmap(lambda a: a[None], _lanczos_flat(mv, flats[0], num_steps, unroll))
+    else:
+      res = _lanczos_flat(jax.vmap(mv), flats, num_steps, unroll)
+    theta, s = jnp.linalg.eigh(jax.vmap(tridiagonal)(res))
+    return theta, s[:, 0] ** 2
 
   return rule
 
@@ -338,7 +352,8 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
     key: ``jax.random`` key.
     num_probes: number of probes ``n >= 1``.
     num_steps: Lanczos steps ``m`` per probe, ``1 <= m <= P``.
-    batch_size: probes vmapped together (must divide ``num_probes``); default 1.
+    batch_size: probes run together (must divide ``num_probes``) as one
+      Lanczos loop over the vmapped ``matvec``; default 1.
     unroll: ``True`` unrolls the loop over probe chunks and the Lanczos
       steps, ``False``
       keeps ``lax`` loops; ``None`` (default) unrolls when the backend is the
@@ -359,12 +374,13 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
   unroll = _probe_unroll("slq_quadrature", unroll, matvec, like, num_probes, batch_size,
                          num_steps)
   rule, keys = _slq_rule(matvec, like, num_steps, unroll), jax.random.split(key, num_probes)
+  chunks = _chunked(keys, batch_size)
   if unroll:
-    parts = [_per_chunk(rule, c) for c in _chunked(keys, batch_size)]
-    nodes = jnp.concatenate([q[0] for q in parts])
-    weights = jnp.concatenate([q[1] for q in parts])
+    parts = [rule(c) for c in chunks]
   else:
-    nodes, weights = lax.map(rule, keys, batch_size=None if batch_size == 1 else batch_size)
+    parts = [lax.map(rule, chunks)]
+  nodes, weights = (jnp.concatenate([q[i].reshape(-1, num_steps) for q in parts])
+                    for i in (0, 1))
   return SLQResult(nodes=nodes, weights=weights, dimension=_size(like))
 
 
@@ -389,7 +405,8 @@ def spectral_density(matvec: Callable, like, key, num_probes: int, num_steps: in
     num_steps: Lanczos steps per probe ``1 <= m <= P``.
     grid: array of points ``t`` (any shape).
     sigma: Gaussian broadening, > 0.
-    batch_size: probes vmapped together (must divide ``num_probes``); default 1.
+    batch_size: probes run together (must divide ``num_probes``) as one
+      Lanczos loop over the vmapped ``matvec``; default 1.
     unroll: as :func:`slq_quadrature`.
 
   Returns:
@@ -441,7 +458,8 @@ def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: i
     key: ``jax.random`` key.
     num_probes: number of probes ``n >= 2``.
     num_steps: Lanczos steps per probe ``1 <= m <= P``.
-    batch_size: probes vmapped together (must divide ``num_probes``); default 1.
+    batch_size: probes run together (must divide ``num_probes``) as one
+      Lanczos loop over the vmapped ``matvec``; default 1.
     unroll: as :func:`slq_quadrature`.
 
   Returns:
@@ -460,9 +478,9 @@ def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: i
   rule = _slq_rule(matvec, like, num_steps, unroll)
   size = _size(like)
 
-  def sample(k):
-    theta, w = rule(k)
+  def chunk(ks):
+    theta, w = rule(ks)
     safe = jnp.where(theta > 0, theta, jnp.nan)  # NaN flags a non-SPD operator
-    return size * jnp.sum(jnp.where(w > 0, w * jnp.log(safe), 0))
+    return size * jnp.sum(jnp.where(w > 0, w * jnp.log(safe), 0), axis=1)
 
-  return _moments(sample, jax.random.split(key, num_probes), batch_size, unroll)
+  return _moments(chunk, jax.random.split(key, num_probes), batch_size, unroll)
