@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Iterations beyond which the automatic choice keeps a loop rolled: an unrolled
 # loop compiles one copy of the product per iteration (about 0.1 s each for the
@@ -124,6 +125,17 @@ def host_while_loop(cond_fun, body_fun, init_val):
   out = jax.pure_callback(run, avals, leaves, body_consts, cond_consts,
                           vmap_method="sequential")
   return state(out)
+
+
+def fori_loop(lower: int, upper: int, body_fun, init_val, unroll: bool):
+  """``lax.fori_loop`` over Python-int bounds, or (``unroll``) the same steps as a
+  Python loop, so that no body lands in a nested computation."""
+  if not unroll:
+    return lax.fori_loop(lower, upper, body_fun, init_val)
+  val = init_val
+  for i in range(lower, upper):
+    val = body_fun(i, val)
+  return val
 
 
 def resolve_unroll(fn_name: str, unroll, iterations: int, matvec, *args) -> bool:

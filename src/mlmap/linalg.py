@@ -450,13 +450,7 @@ def _lanczos_flat(mv, v0, num_steps, unroll=False):
 
   zeros = jnp.zeros((num_steps,), dtype)
   init = (basis0, zeros, zeros, v, jnp.zeros_like(v), jnp.zeros((), dtype))
-  if unroll:
-    state = init
-    for j in range(num_steps):
-      state = body(j, state)
-    basis, alphas, betas, *_ = state
-  else:
-    basis, alphas, betas, *_ = lax.fori_loop(0, num_steps, body, init)
+  basis, alphas, betas, *_ = _loops.fori_loop(0, num_steps, body, init, unroll)
   return LanczosResult(alphas=alphas, betas=betas[:-1], basis=basis, residual=betas[-1])
 
 
@@ -508,13 +502,7 @@ def _lanczos_batch(mv, v0, num_steps, unroll):
 
   zeros = jnp.zeros((n, num_steps), dtype)
   init = (basis0, zeros, zeros, v, jnp.zeros_like(v), jnp.zeros((n,), dtype))
-  if unroll:
-    state = init
-    for j in range(num_steps):
-      state = body(j, state)
-    basis, alphas, betas, *_ = state
-  else:
-    basis, alphas, betas, *_ = lax.fori_loop(0, num_steps, body, init)
+  basis, alphas, betas, *_ = _loops.fori_loop(0, num_steps, body, init, unroll)
   return LanczosResult(alphas=alphas, betas=betas[:, :-1], basis=basis,
                        residual=betas[:, -1])
 
