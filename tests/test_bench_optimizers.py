@@ -91,6 +91,7 @@ def _check_result(res, out, families):
     assert res["problems"][name]["verdict"]["verdict"] in ("refuted", "confirmed", "mixed")
 
 
+@pytest.mark.slow  # an end-to-end experiment run (about 1 min); CI runs -m slow too
 def test_cheap_end_to_end_run(tmp_path):
   res = bo.run_benchmark("tiny", tmp_path, progress=False, problems=("autoencoder",),
                          families=("K-FAC",))

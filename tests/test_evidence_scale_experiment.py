@@ -40,6 +40,7 @@ def test_weight_decay_is_the_gaussian_prior_per_example():
   np.testing.assert_allclose(es.lambda_of(es.sigma0_of(lam, n), n), lam, rtol=1e-14)
 
 
+@pytest.mark.slow  # an end-to-end experiment run (about 1 min); CI runs -m slow too
 def test_tiny_run(tmp_path):
   result = es.run(True, tmp_path, config=TINY)
   assert result["verdict"] in _common.VERDICTS

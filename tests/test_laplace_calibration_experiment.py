@@ -81,6 +81,7 @@ def _check_tiny_run(tmp_path, models, methods=None):
   return table
 
 
+@pytest.mark.slow  # an end-to-end experiment run (about 1 min); CI runs -m slow too
 def test_tiny_mlp_run_cheap_methods(tmp_path):
   # The dense refusal, a diagonal and a last-layer posterior, each tuned, over 2 batches.
   _check_tiny_run(tmp_path, ("MLP",), ("map", "full", "diag", "last_layer"))
