@@ -29,6 +29,10 @@ reported apart. Ratios are loop time / baseline time.
   python experiments/bench_linalg.py [--reps 20] [--steps 30] [--out results]
 
 writes ``results/bench_linalg.json`` (about 3 minutes on 2 cores).
+``--long`` instead times the loops above 64 products (80 Lanczos steps,
+``spectral_density`` 3 x 30, ``hutchinson_trace`` 90 probes; rolled against
+the default, which iterates from the host on the CPU for the CNN) and writes
+``results/bench_linalg_long.json`` (about 3 minutes).
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import optax
 from sklearn.datasets import load_digits
 
 import mlmap as mm
@@ -159,6 +162,37 @@ def measure_loops(nlp, params, x, y, steps, cg_steps, lam=1.0):
   return res
 
 
+def measure_long_loops(nlp, params, x, y, repeats=3):
+  """Loops above ``mlmap._loops.AUTO_UNROLL_LIMIT`` products, where the default on
+  the CPU for a convolutional operator iterates from the host: 80 Lanczos steps,
+  spectral_density with 3 probes x 30 steps (90 products, the issue's case) and
+  hutchinson_trace with 90 probes, each against as many jitted Hessian-vector
+  products called from Python, rolled (``unroll=False``) and default."""
+  hvp, _ = _products(nlp, params, x, y, 1.0)
+  v = jax.tree_util.tree_map(lambda a: jnp.ones_like(a) / np.sqrt(a.size), params)
+  key, grid = jax.random.PRNGKey(0), jnp.linspace(-1.0, 10.0, 64)
+  op = lambda p: (lambda u: mm.hvp(nlp, p, u, x, y))  # noqa: E731
+  loops = {
+      "lanczos 80": (80, lambda p, u: mm.lanczos(op(p), v, 80, unroll=u).alphas),
+      "spectral_density 3x30": (90, lambda p, u: mm.spectral_density(
+          op(p), p, key, 3, 30, grid, 0.1, unroll=u)),
+      "hutchinson_trace 90": (90, lambda p, u: mm.hutchinson_trace(
+          op(p), p, key, 90, unroll=u).estimate)}
+  res = {}
+  for name, (n, fn) in loops.items():
+    base = _median_time(_repeat(hvp, n), params, v, repeats=repeats)
+    for unroll, reps in ((False, 1), (None, repeats)):
+      c, t_compile = _compiled(lambda p, u=unroll: fn(p, u), params)
+      t0 = time.perf_counter()
+      jax.block_until_ready(c(params))
+      t_first = time.perf_counter() - t0
+      t = _median_time(c, params, repeats=reps)
+      res[f"{name} {'default' if unroll is None else 'rolled'}"] = dict(
+          products=n, seconds=t, ratio=t / base, compile_seconds=t_compile,
+          first_call_seconds=t_first)
+  return res
+
+
 def measure_hessian_free(nlp, params, x, y, maxiter):
   """One HF train step against its cost model of standalone jitted calls."""
   tx = mm.hessian_free(nlp, damping=1.0, maxiter=maxiter, tol=0.0)
@@ -223,6 +257,20 @@ def operator_table(reps):
           "mm_cg_over_jax_cg": float(r)}
 
 
+def _main_long(result, out):
+  print("| model | loop | products | s | x its jitted products | compile s | first call s |\n"
+        "|---|---|---|---|---|---|---|")
+  for name, (nlp, params, x, y) in problems().items():
+    rows = measure_long_loops(nlp, params, x, y)
+    result["problems"][name] = {"long": rows}
+    for loop, r in rows.items():
+      print(f"| {name} | {loop} | {r['products']} | {r['seconds']:.3f} | {r['ratio']:.2f}x | "
+            f"{r['compile_seconds']:.1f} | {r['first_call_seconds']:.2f} |", flush=True)
+  path = pathlib.Path(out)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "bench_linalg_long.json").write_text(json.dumps(result, indent=1))
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=30, help="Lanczos steps")
@@ -230,10 +278,15 @@ def main(argv=None):
                   help="CG iterations (the unrolled CG's compile time grows fast)")
   ap.add_argument("--reps", type=int, default=20, help="repetitions of the operator table")
   ap.add_argument("--out", default="results", help="directory for bench_linalg.json")
+  ap.add_argument("--long", action="store_true",
+                  help="only the loops above 64 products (80 Lanczos steps, SLQ 3 x 30, "
+                       "Hutchinson 90 probes), rolled and default")
   ap.add_argument("--hf-only", action="store_true",
                   help="only the Hessian-free step (runs on older mlmap versions too)")
   args = ap.parse_args(argv)
   result = dict(backend=jax.default_backend(), jax=jax.__version__, problems={})
+  if args.long:
+    return _main_long(result, args.out)
   if not args.hf_only:
     result.update(operator_table(args.reps))
   for name, (nlp, params, x, y) in problems().items():

@@ -151,6 +151,39 @@ def test_unrolled_probe_loops_equal_rolled(cnn, batch_size):
   assert loops[0] - loops[1] == 8, loops
 
 
+def test_host_probe_loops_and_lanczos_equal_rolled(cnn):
+  """unroll="host" (the default on the CPU for a convolutional operator above
+  AUTO_UNROLL_LIMIT products): Lanczos steps and Hutchinson chunks iterated from
+  the host, SLQ's Lanczos loops from the host inside its rolled probe loop. Same
+  numbers as the rolled loops; no convolution left in the outer computation."""
+  nlp, params, x, y = cnn
+  key = jax.random.PRNGKey(4)
+
+  def run(p, unroll):
+    mv = lambda u: jax.tree_util.tree_map(lambda g, v: g + 2.0 * v,  # noqa: E731
+                                          mm.ggn_vp(nlp, p, u, x, y), u)
+    return (mm.lanczos(mv, p, 6, unroll=unroll),
+            mm.lanczos_eigenvalues(mv, p, key, k=2, num_steps=5, unroll=unroll),
+            mm.hutchinson_trace(mv, p, key, 4, 2, unroll=unroll),
+            mm.hutchinson_diagonal(mv, p, key, 2, unroll=unroll),
+            mm.slq_quadrature(mv, p, key, 2, 4, unroll=unroll)[:2],
+            mm.stochastic_logdet(mv, p, key, 4, 4, 2, unroll=unroll))
+
+  rolled = jax.jit(functools.partial(run, unroll=False))(params)
+  host = jax.jit(functools.partial(run, unroll="host"))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(rolled), jax.tree_util.tree_leaves(host)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-11, atol=1e-12)
+  text = _lowered(functools.partial(run, unroll="host"), params)
+  assert "callback" in text and "convolution" not in text
+  assert "convolution" in _lowered(functools.partial(run, unroll=False), params)
+  mv = lambda u: mm.hvp(nlp, params, u, x, y)  # noqa: E731
+  limit = _loops.AUTO_UNROLL_LIMIT
+  expect = "host" if jax.default_backend() == "cpu" else False
+  assert _loops.resolve_unroll("f", None, limit + 1, mv, params, host=True) == expect
+  with pytest.raises(TypeError, match="unroll must be True, False, 'host' or None.*'yes'"):
+    mm.lanczos(mv, params, 3, unroll="yes")
+
+
 def test_train_step_on_a_convolutional_model_selects_and_still_skips(cnn):
   """On the CPU the update of a convolutional objective runs outside ``lax.cond``
   (no branch in the lowered step); a good batch gives ``tx.update``'s step, a

@@ -11,8 +11,10 @@ about 25x longer inside a ``fori_loop`` or a ``cond`` than as 30 calls
 (jax-ml/jax#12868 reports the same effect). Lanczos and the probe loops of
 Hutchinson and SLQ therefore unroll, by default, when the backend is the CPU,
 the operator contains a convolution and there are at most
-``AUTO_UNROLL_LIMIT`` products; elsewhere (GPU, TPU, dense models, longer
-loops) they stay rolled, which compiles faster. ``mm.cg`` unrolls only on
+``AUTO_UNROLL_LIMIT`` products, and above that iterate from the host
+(:func:`fori_loop` with ``"host"``; SLQ keeps its probe loop rolled and runs
+each chunk's Lanczos steps from the host); elsewhere (GPU, TPU, dense models)
+they stay rolled, which compiles faster. ``mm.cg`` unrolls only on
 request (``unroll=True``): its unrolled compile time grows faster than
 linearly (the early-stop selects between unrolled steps; see
 ``docs/linalg.md``). By default it instead iterates its ``while_loop`` from the
@@ -22,6 +24,8 @@ level. ``mm.make_train_step`` selects instead of branching for such objectives.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import jax
@@ -106,7 +110,7 @@ def host_while_loop(cond_fun, body_fun, init_val):
   body, body_consts = _closed(flat_body, leaves)
   cond, cond_consts = _closed(lambda *xs: cond_fun(state(xs)), leaves)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=0)  # the carry is the loop's own
   def step(xs, cs):
     out = jax.core.eval_jaxpr(body, cs, *xs)
     return out[:-1], out[-1]
@@ -117,6 +121,9 @@ def host_while_loop(cond_fun, body_fun, init_val):
 
   def run(xs, bcs, ccs):
     go = bool(first(xs, ccs))
+    # The step donates its carry (no copy of e.g. a Lanczos basis per iteration);
+    # the callback's own arguments may share buffers with the outer program.
+    xs = [jnp.array(x, copy=True) for x in xs]
     while go:
       xs, go = step(xs, bcs)
       go = bool(go)
@@ -127,9 +134,17 @@ def host_while_loop(cond_fun, body_fun, init_val):
   return state(out)
 
 
-def fori_loop(lower: int, upper: int, body_fun, init_val, unroll: bool):
-  """``lax.fori_loop`` over Python-int bounds, or (``unroll``) the same steps as a
-  Python loop, so that no body lands in a nested computation."""
+def fori_loop(lower: int, upper: int, body_fun, init_val, unroll):
+  """``lax.fori_loop`` over Python-int bounds (``unroll=False``), the same steps as
+  a Python loop (``True``), or iterated from the host (``"host"``:
+  :func:`host_while_loop`, one jitted top-level step per iteration), so that no
+  body lands in a nested computation. Same iterates in every mode."""
+  if unroll == "host":
+    def body(carry):
+      i, val = carry
+      return i + 1, body_fun(i, val)
+    return host_while_loop(lambda c: c[0] < upper, body,
+                           (jnp.asarray(lower, jnp.int32), init_val))[1]
   if not unroll:
     return lax.fori_loop(lower, upper, body_fun, init_val)
   val = init_val
@@ -138,12 +153,20 @@ def fori_loop(lower: int, upper: int, body_fun, init_val, unroll: bool):
   return val
 
 
-def resolve_unroll(fn_name: str, unroll, iterations: int, matvec, *args) -> bool:
-  """``unroll`` (True / False), or for ``None`` the automatic choice: unroll when
-  :func:`conv_on_cpu` and ``iterations <= AUTO_UNROLL_LIMIT``."""
+def resolve_unroll(fn_name: str, unroll, iterations: int, matvec, *args,
+                   host: bool = False):
+  """``unroll`` (True / False, or ``"host"`` where ``host``), or for ``None`` the
+  automatic choice: when :func:`conv_on_cpu`, unroll if ``iterations <=
+  AUTO_UNROLL_LIMIT``, else iterate from the host where the loop allows it
+  (``host``); otherwise rolled."""
   if unroll is None:
-    return iterations <= AUTO_UNROLL_LIMIT and conv_on_cpu(matvec, *args)
-  if not isinstance(unroll, bool):
-    raise TypeError(f"{fn_name}: unroll must be True, False or None (automatic), got "
-                    f"{unroll!r}.")
-  return unroll
+    if not conv_on_cpu(matvec, *args):
+      return False
+    if iterations <= AUTO_UNROLL_LIMIT:
+      return True
+    return "host" if host else False
+  if isinstance(unroll, bool) or (host and isinstance(unroll, str) and unroll == "host"):
+    return unroll
+  options = "True, False, 'host'" if host else "True, False"
+  raise TypeError(f"{fn_name}: unroll must be {options} or None (automatic), got "
+                  f"{unroll!r}.")

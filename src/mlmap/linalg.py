@@ -518,7 +518,7 @@ def _check_steps(fn, v0, num_steps):
 
 
 def lanczos(matvec: Callable, v0, num_steps: int, *,
-            unroll: bool | None = None) -> LanczosResult:
+            unroll: bool | str | None = None) -> LanczosResult:
   r"""``num_steps`` Lanczos steps with full reorthogonalization, on a pytree operator.
 
   Builds an orthonormal basis ``V = [v_1, ..., v_m]`` of the Krylov space
@@ -545,10 +545,13 @@ def lanczos(matvec: Callable, v0, num_steps: int, *,
     v0: starting pytree of real floating arrays.
     num_steps: ``m``, with ``1 <= m <= P`` (the number of scalar entries).
     unroll: ``True`` unrolls the ``m`` steps (one compiled product per step),
-      ``False`` runs ``lax.fori_loop``; ``None`` (default) unrolls when the
-      backend is the CPU, ``matvec`` contains a convolution and ``m <= 64``
-      (XLA:CPU runs a convolution inside a loop about 25x slower; see
-      ``mlmap._loops``). The result is the same either way.
+      ``False`` runs ``lax.fori_loop``, ``"host"`` iterates the steps from the
+      host (one jitted top-level step each, :func:`mlmap._loops.fori_loop`; not
+      differentiable); ``None`` (default), when the backend is the CPU and
+      ``matvec`` contains a convolution, unrolls ``m <= 64`` and takes
+      ``"host"`` above (XLA:CPU runs a convolution inside a loop about 25x
+      slower; see ``mlmap._loops``), and elsewhere runs ``lax.fori_loop``. The
+      result is the same either way.
 
   Returns:
     A :class:`LanczosResult` (``alphas [m]``, ``betas [m-1]``, flat
@@ -561,7 +564,7 @@ def lanczos(matvec: Callable, v0, num_steps: int, *,
     Computations", 2013, sec. 10.1.
   """
   num_steps = _check_steps("lanczos", v0, num_steps)
-  unroll = _loops.resolve_unroll("lanczos", unroll, num_steps, matvec, v0)
+  unroll = _loops.resolve_unroll("lanczos", unroll, num_steps, matvec, v0, host=True)
   flat, _, mv = _flat_operator(matvec, v0)
   return _lanczos_flat(mv, flat, num_steps, unroll)
 

@@ -74,7 +74,7 @@ def _probe_unroll(fn, unroll, matvec, like, num_probes, batch_size, num_steps=1)
   """:func:`mlmap._loops.resolve_unroll` for a loop of ``num_probes / batch_size``
   chunks of ``num_steps`` products each."""
   return _loops.resolve_unroll(fn, unroll, num_probes // batch_size * num_steps, matvec,
-                               like)
+                               like, host=True)
 
 
 def _chunked(keys, batch_size):
@@ -118,19 +118,16 @@ def _moments(chunk, keys, batch_size, unroll=False) -> StochasticEstimate:
     return (i + 1, mean, m2), None
 
   carry, chunks = (jnp.zeros((), jnp.int32), zeros, zeros), _chunked(keys, batch_size)
-  if unroll:  # a Python loop over the chunks (see mlmap._loops)
-    for c in range(chunks.shape[0]):
-      carry, _ = step(carry, chunks[c])
-    _, mean, m2 = carry
-  else:
-    (_, mean, m2), _ = lax.scan(step, carry, chunks)
+  # Rolled, a Python loop, or from the host (see mlmap._loops).
+  _, mean, m2 = _loops.fori_loop(0, chunks.shape[0], lambda c, cr: step(cr, chunks[c])[0],
+                                 carry, unroll)
   se = _tmap(lambda a: jnp.sqrt(a / (n - 1) / n), m2)
   return StochasticEstimate(estimate=mean, standard_error=se)
 
 
 def hutchinson_trace(matvec: Callable, like, key, num_probes: int,
                      batch_size: int | None = None, *,
-                     unroll: bool | None = None) -> StochasticEstimate:
+                     unroll: bool | str | None = None) -> StochasticEstimate:
   r"""Hutchinson's unbiased estimate of ``tr(A)`` with Rademacher probes.
 
   .. math::
@@ -147,10 +144,12 @@ def hutchinson_trace(matvec: Callable, like, key, num_probes: int,
     batch_size: probes vmapped together (must divide ``num_probes``);
       default 1 (sequential, lowest memory).
     unroll: ``True`` unrolls the loop over probe chunks, ``False``
-      keeps ``lax`` loops; ``None`` (default) unrolls when the backend is the
-      CPU, ``matvec`` contains a convolution and there are at most 64
-      products (XLA:CPU runs a convolution inside a loop about 25x slower; see
-      ``mlmap._loops``). The result is the same either way.
+      keeps a ``lax`` loop, ``"host"`` iterates it from the host (one jitted
+      top-level step per chunk; not differentiable); ``None`` (default), when
+      the backend is the CPU and ``matvec`` contains a convolution, unrolls up
+      to 64 products and iterates from the host above (XLA:CPU runs a
+      convolution inside a loop about 25x slower; see ``mlmap._loops``), and
+      elsewhere keeps the ``lax`` loop. The result is the same either way.
 
   Returns:
     :class:`StochasticEstimate` of scalars (estimate, standard error).
@@ -176,7 +175,7 @@ def hutchinson_trace(matvec: Callable, like, key, num_probes: int,
 
 def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
                         batch_size: int | None = None, *,
-                        unroll: bool | None = None) -> StochasticEstimate:
+                        unroll: bool | str | None = None) -> StochasticEstimate:
   r"""Hutchinson-style unbiased estimate of ``diag(A)`` with Rademacher probes.
 
   .. math::
@@ -193,10 +192,12 @@ def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
     num_probes: number of probes ``n >= 2``.
     batch_size: probes vmapped together (must divide ``num_probes``); default 1.
     unroll: ``True`` unrolls the loop over probe chunks, ``False``
-      keeps ``lax`` loops; ``None`` (default) unrolls when the backend is the
-      CPU, ``matvec`` contains a convolution and there are at most 64
-      products (XLA:CPU runs a convolution inside a loop about 25x slower; see
-      ``mlmap._loops``). The result is the same either way.
+      keeps a ``lax`` loop, ``"host"`` iterates it from the host (one jitted
+      top-level step per chunk; not differentiable); ``None`` (default), when
+      the backend is the CPU and ``matvec`` contains a convolution, unrolls up
+      to 64 products and iterates from the host above (XLA:CPU runs a
+      convolution inside a loop about 25x slower; see ``mlmap._loops``), and
+      elsewhere keeps the ``lax`` loop. The result is the same either way.
 
   Returns:
     :class:`StochasticEstimate` of pytrees shaped like ``like`` (per-entry
@@ -234,7 +235,7 @@ class RitzResult(NamedTuple):
 
 def lanczos_eigenvalues(matvec: Callable, like, key, k: int = 6,
                         num_steps: int | None = None, which: str = "LA", *,
-                        unroll: bool | None = None) -> RitzResult:
+                        unroll: bool | str | None = None) -> RitzResult:
   r"""Extreme eigenpairs of a symmetric pytree operator by Lanczos (``eigsh``-style).
 
   Runs :func:`lanczos` from a Gaussian random start drawn with ``key`` and
@@ -251,8 +252,9 @@ def lanczos_eigenvalues(matvec: Callable, like, key, k: int = 6,
     num_steps: Lanczos steps ``m <= P``; default ``min(P, max(2k + 1, 20))``.
     which: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest
       algebraic (ascending), ``"LM"`` largest magnitude (descending ``|theta|``).
-    unroll: as :func:`mlmap.lanczos`: ``None`` (default) unrolls the steps on
-      the CPU when ``matvec`` contains a convolution and ``num_steps <= 64``.
+    unroll: as :func:`mlmap.lanczos`: ``None`` (default), on the CPU when
+      ``matvec`` contains a convolution, unrolls ``num_steps <= 64`` steps and
+      iterates more from the host.
 
   Returns:
     A :class:`RitzResult`.
@@ -275,7 +277,7 @@ def lanczos_eigenvalues(matvec: Callable, like, key, k: int = 6,
   num_steps = _check_steps(fn, like, num_steps)
   if k > num_steps:
     raise ValueError(f"{fn}: k ({k}) must be <= num_steps ({num_steps}).")
-  unroll = _loops.resolve_unroll(fn, unroll, num_steps, matvec, like)
+  unroll = _loops.resolve_unroll(fn, unroll, num_steps, matvec, like, host=True)
   v0 = _random_like(like, key, "normal")
   flat, unravel, mv = _flat_operator(matvec, v0)
   res = _lanczos_flat(mv, flat, num_steps, unroll)
@@ -331,7 +333,7 @@ def _slq_rule(matvec, like, num_steps, unroll=False):
 
 def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
                    batch_size: int | None = None, *,
-                   unroll: bool | None = None) -> SLQResult:
+                   unroll: bool | str | None = None) -> SLQResult:
   r"""Stochastic Lanczos quadrature: Gauss rules for ``tr f(A)`` of a symmetric ``A``.
 
   For each Rademacher probe ``z_l``, ``m`` Lanczos steps from ``z_l / sqrt(P)``
@@ -355,11 +357,13 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
     batch_size: probes run together (must divide ``num_probes``) as one
       Lanczos loop over the vmapped ``matvec``; default 1.
     unroll: ``True`` unrolls the loop over probe chunks and the Lanczos
-      steps, ``False``
-      keeps ``lax`` loops; ``None`` (default) unrolls when the backend is the
-      CPU, ``matvec`` contains a convolution and there are at most 64
-      products (XLA:CPU runs a convolution inside a loop about 25x slower; see
-      ``mlmap._loops``). The result is the same either way.
+      steps, ``False`` keeps ``lax`` loops, ``"host"`` keeps the probe loop
+      rolled and iterates each chunk's Lanczos steps from the host (one jitted
+      top-level step each; not differentiable); ``None`` (default), when the
+      backend is the CPU and ``matvec`` contains a convolution, unrolls up to
+      64 products (chunks x steps) and takes ``"host"`` above (XLA:CPU runs a
+      convolution inside a loop about 25x slower; see ``mlmap._loops``), and
+      elsewhere keeps ``lax`` loops. The result is the same either way.
 
   Returns:
     :class:`SLQResult` (``nodes``, ``weights``, ``dimension``).
@@ -375,9 +379,9 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
                          num_steps)
   rule, keys = _slq_rule(matvec, like, num_steps, unroll), jax.random.split(key, num_probes)
   chunks = _chunked(keys, batch_size)
-  if unroll:
+  if unroll is True:
     parts = [rule(c) for c in chunks]
-  else:
+  else:  # rolled; with "host" each chunk's Lanczos loop runs from the host
     parts = [lax.map(rule, chunks)]
   nodes, weights = (jnp.concatenate([q[i].reshape(-1, num_steps) for q in parts])
                     for i in (0, 1))
@@ -386,7 +390,7 @@ def slq_quadrature(matvec: Callable, like, key, num_probes: int, num_steps: int,
 
 def spectral_density(matvec: Callable, like, key, num_probes: int, num_steps: int,
                      grid, sigma, batch_size: int | None = None, *,
-                     unroll: bool | None = None):
+                     unroll: bool | str | None = None):
   r"""Gaussian-broadened eigenvalue density of a symmetric ``A`` by SLQ.
 
   .. math::
@@ -437,7 +441,7 @@ def spectral_density(matvec: Callable, like, key, num_probes: int, num_steps: in
 
 def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: int,
                       batch_size: int | None = None, *,
-                      unroll: bool | None = None) -> StochasticEstimate:
+                      unroll: bool | str | None = None) -> StochasticEstimate:
   r"""``log det A`` of a symmetric positive definite ``A`` by SLQ, with its standard error.
 
   .. math::
@@ -483,4 +487,6 @@ def stochastic_logdet(matvec: Callable, like, key, num_probes: int, num_steps: i
     safe = jnp.where(theta > 0, theta, jnp.nan)  # NaN flags a non-SPD operator
     return size * jnp.sum(jnp.where(w > 0, w * jnp.log(safe), 0), axis=1)
 
-  return _moments(chunk, jax.random.split(key, num_probes), batch_size, unroll)
+  # With "host" the Lanczos loops run from the host inside a rolled probe loop.
+  return _moments(chunk, jax.random.split(key, num_probes), batch_size,
+                  unroll if unroll is True else False)
