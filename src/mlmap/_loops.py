@@ -153,20 +153,27 @@ def fori_loop(lower: int, upper: int, body_fun, init_val, unroll):
   return val
 
 
-def resolve_unroll(fn_name: str, unroll, iterations: int, matvec, *args,
-                   host: bool = False):
-  """``unroll`` (True / False, or ``"host"`` where ``host``), or for ``None`` the
-  automatic choice: when :func:`conv_on_cpu`, unroll if ``iterations <=
-  AUTO_UNROLL_LIMIT``, else iterate from the host where the loop allows it
-  (``host``); otherwise rolled."""
-  if unroll is None:
-    if not conv_on_cpu(matvec, *args):
-      return False
-    if iterations <= AUTO_UNROLL_LIMIT:
-      return True
-    return "host" if host else False
-  if isinstance(unroll, bool) or (host and isinstance(unroll, str) and unroll == "host"):
+def check_unroll(fn_name: str, unroll, host: bool = False):
+  """``unroll`` if it is ``True``, ``False``, ``None`` or (where ``host``) ``"host"``;
+  else a ``TypeError`` naming ``fn_name`` and the value."""
+  if unroll is None or isinstance(unroll, bool) or (
+      host and isinstance(unroll, str) and unroll == "host"):
     return unroll
   options = "True, False, 'host'" if host else "True, False"
   raise TypeError(f"{fn_name}: unroll must be {options} or None (automatic), got "
                   f"{unroll!r}.")
+
+
+def resolve_unroll(fn_name: str, unroll, iterations: int, matvec, *args,
+                   host: bool = False):
+  """``unroll`` (True / False, or ``"host"`` where ``host``; see
+  :func:`check_unroll`), or for ``None`` the automatic choice: when
+  :func:`conv_on_cpu`, unroll if ``iterations <= AUTO_UNROLL_LIMIT``, else
+  iterate from the host where the loop allows it (``host``); otherwise rolled."""
+  if check_unroll(fn_name, unroll, host) is not None:
+    return unroll
+  if not conv_on_cpu(matvec, *args):
+    return False
+  if iterations <= AUTO_UNROLL_LIMIT:
+    return True
+  return "host" if host else False

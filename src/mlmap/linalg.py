@@ -320,11 +320,8 @@ def cg(matvec: Callable, b, x0=None, maxiter: int | None = None, tol=1e-5,
   _checks.check_nonnegative("tol", tol, fn)
   _checks.check_nonnegative("atol", atol, fn)
   precond = (lambda r: r) if preconditioner is None else preconditioner
-  if unroll is None:
+  if _loops.check_unroll(fn, unroll, host=True) is None:
     unroll = "host" if _loops.conv_on_cpu(matvec, b) else False
-  elif not (isinstance(unroll, bool) or (isinstance(unroll, str) and unroll == "host")):
-    raise TypeError(f"{fn}: unroll must be True, False, 'host' or None (automatic), got "
-                    f"{unroll!r}.")
 
   def solve(mv, rhs):
     return _cg_loop(mv, rhs, x0, maxiter, tol, atol, precond, unroll)

@@ -191,13 +191,7 @@ def hutchinson_diagonal(matvec: Callable, like, key, num_probes: int,
     key: ``jax.random`` key.
     num_probes: number of probes ``n >= 2``.
     batch_size: probes vmapped together (must divide ``num_probes``); default 1.
-    unroll: ``True`` unrolls the loop over probe chunks, ``False``
-      keeps a ``lax`` loop, ``"host"`` iterates it from the host (one jitted
-      top-level step per chunk; not differentiable); ``None`` (default), when
-      the backend is the CPU and ``matvec`` contains a convolution, unrolls up
-      to 64 products and iterates from the host above (XLA:CPU runs a
-      convolution inside a loop about 25x slower; see ``mlmap._loops``), and
-      elsewhere keeps the ``lax`` loop. The result is the same either way.
+    unroll: as :func:`hutchinson_trace`.
 
   Returns:
     :class:`StochasticEstimate` of pytrees shaped like ``like`` (per-entry
